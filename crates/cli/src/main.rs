@@ -1,1 +1,19 @@
-fn main() {}
+//! `ftvm`: the command line. This file only maps outcomes to exit codes; the work is in `cli`.
+
+mod cli;
+mod opts;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match cli::main(args) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("ftvm: {}", failure.message);
+            if !failure.detail.is_empty() {
+                eprintln!("{}", failure.detail.trim_end());
+            }
+            failure.code
+        }
+    };
+    std::process::exit(code);
+}

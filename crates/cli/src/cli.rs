@@ -1,0 +1,224 @@
+//! The `ftvm` subcommands.
+
+use std::path::{Path, PathBuf};
+
+use ftvm_log::{Limits, LogReader, VmSpec};
+use ftvm_vm::console::ConsolePort;
+use ftvm_vm::gate::{DropOutputs, NullSink};
+use ftvm_vm::logfile::{FileSink, FileSource};
+use ftvm_vm::{exit_code, Gate, LogSink, Vm, VmImage, VmOutcome, World};
+
+use crate::opts::{parse, Failure, Parsed};
+
+const HELP: &str = "\
+ftvm: fault-tolerant WebAssembly virtual machines
+
+usage:
+  ftvm run [--record LOG] [--dir HOST_DIR::GUEST_DIR]... [--env K=V]... [VM OPTIONS] MODULE [ARGS...]
+      Run a WASI preview1 program. The exit code is the guest's.
+  ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... [--quiet] MODULE
+      Replay a recorded run against a copy of its starting disk; reproduces its output and exit
+      code exactly, or stops with a divergence error.
+  ftvm inspect LOG [--entries N]
+      Print a log's header and a summary of its entries.
+
+VM options:
+  --memory-max-mib N        cap on guest memory (default 256)
+  --checkpoint-events N     gate events between checkpoints (default 4096; 0: only at exit)
+  --fuel                    count instructions and check the count at checkpoints
+
+exit codes of ftvm itself: 2 usage, 120 bad module, 121 bad or mismatched log, 122 divergence,
+123 guest trap, 124 guest out of memory, 125 disk or log I/O, 126 internal, 127 halted.
+";
+
+pub fn main(args: Vec<String>) -> Result<i32, Failure> {
+    let Some((command, rest)) = args.split_first() else {
+        print!("{HELP}");
+        return Err(Failure::usage("no command given"));
+    };
+    match command.as_str() {
+        "run" => run(rest),
+        "replay" => replay(rest),
+        "inspect" => inspect(rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(0)
+        }
+        other => Err(Failure::usage(format!("unknown command `{other}` (see `ftvm help`)"))),
+    }
+}
+
+const VM_OPTIONS: &[&str] = &["dir", "env", "memory-max-mib", "checkpoint-events"];
+const VM_FLAGS: &[&str] = &["fuel"];
+
+/// Reads the module file.
+pub fn read_module(path: &str) -> Result<(String, Vec<u8>), Failure> {
+    let bytes = std::fs::read(path).map_err(|e| Failure {
+        code: exit_code::BAD_MODULE,
+        message: format!("cannot read module {path}: {e}"),
+        detail: String::new(),
+    })?;
+    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string());
+    Ok((name, bytes))
+}
+
+/// `HOST::GUEST` pairs.
+fn parse_dirs(p: &Parsed) -> Result<Vec<(PathBuf, String)>, Failure> {
+    p.all("dir")
+        .into_iter()
+        .map(|d| {
+            let (host, guest) = d.split_once("::").unwrap_or((d.as_str(), d.as_str()));
+            if host.is_empty() || guest.is_empty() {
+                return Err(Failure::usage(format!("--dir {d:?}: expected HOST_DIR::GUEST_DIR")));
+            }
+            Ok((PathBuf::from(host), guest.to_string()))
+        })
+        .collect()
+}
+
+/// Builds the VM definition from command-line options.
+pub fn spec_from_options(p: &Parsed, name: &str, guest_args: &[String]) -> Result<(VmSpec, Vec<PathBuf>), Failure> {
+    let dirs = parse_dirs(p)?;
+    let mut env = Vec::new();
+    for kv in p.all("env") {
+        let (k, v) = kv.split_once('=').ok_or_else(|| Failure::usage(format!("--env {kv:?}: expected K=V")))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut limits = Limits::default();
+    if let Some(mib) = p.number::<u64>("memory-max-mib")? {
+        limits.memory_bytes_max = mib << 20;
+    }
+    if let Some(n) = p.number::<u64>("checkpoint-events")? {
+        limits.checkpoint_events = n;
+    }
+    limits.fuel = p.flag("fuel");
+    let mut args = vec![name.to_string()];
+    args.extend(guest_args.iter().cloned());
+    let spec = VmSpec {
+        args,
+        env,
+        preopens: dirs.iter().map(|(_, g)| g.clone()).collect(),
+        listeners: Vec::new(),
+        nic: None,
+        limits,
+    };
+    Ok((spec, dirs.into_iter().map(|(h, _)| h).collect()))
+}
+
+fn finish(outcome: Result<VmOutcome, ftvm_vm::VmError>) -> Result<i32, Failure> {
+    match outcome? {
+        VmOutcome::Exited(code) => Ok((code & 0xff) as i32),
+        VmOutcome::PoweredOff => {
+            eprintln!("ftvm: the VM was powered off");
+            Ok(0)
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<i32, Failure> {
+    let mut with_value = vec!["record"];
+    with_value.extend_from_slice(VM_OPTIONS);
+    let p = parse(args, &with_value, VM_FLAGS, true)?;
+    let Some((module, guest_args)) = p.positional.split_first() else {
+        return Err(Failure::usage("ftvm run needs a MODULE"));
+    };
+    let (name, bytes) = read_module(module)?;
+    let (spec, dirs) = spec_from_options(&p, &name, guest_args)?;
+    let image = VmImage { name, module_bytes: bytes, spec, dirs };
+    let sink: Box<dyn LogSink> = match p.one("record") {
+        Some(path) => Box::new(FileSink::create(Path::new(&path), &image.header()?)?),
+        None => Box::new(NullSink),
+    };
+    let checkpoint_events = image.spec.limits.checkpoint_events;
+    let gate = Gate::record(sink, World::new(None, None), Box::new(ConsolePort { frames: None }), checkpoint_events);
+    let mut vm = Vm::boot(&image, gate)?;
+    finish(vm.run())
+}
+
+fn replay(args: &[String]) -> Result<i32, Failure> {
+    let p = parse(args, &["dir"], &["quiet"], false)?;
+    let [log, module] = p.positional.as_slice() else {
+        return Err(Failure::usage("usage: ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... MODULE"));
+    };
+    let (name, bytes) = read_module(module)?;
+    let source = FileSource::open(Path::new(log))?;
+    let spec = source.header().spec.clone();
+    let dirs = parse_dirs(&p)?;
+    // The disk is mapped by guest path, in the order the recording preopened it.
+    let mut host_dirs = Vec::new();
+    for guest in &spec.preopens {
+        let Some((host, _)) = dirs.iter().find(|(_, g)| g == guest) else {
+            return Err(Failure::usage(format!("the log preopens {guest}: pass --dir HOST_DIR::{guest}")));
+        };
+        host_dirs.push(host.clone());
+    }
+    let image = VmImage { name, module_bytes: bytes, spec, dirs: host_dirs };
+    image.check_log_header(source.header())?;
+    let port: Box<dyn ftvm_vm::OutputPort> =
+        if p.flag("quiet") { Box::new(DropOutputs) } else { Box::new(ConsolePort { frames: None }) };
+    let gate = Gate::replay(Box::new(source), None, port, image.spec.limits.checkpoint_events);
+    let mut vm = Vm::boot(&image, gate)?;
+    finish(vm.run())
+}
+
+fn inspect(args: &[String]) -> Result<i32, Failure> {
+    let p = parse(args, &["entries"], &[], false)?;
+    let [log] = p.positional.as_slice() else {
+        return Err(Failure::usage("usage: ftvm inspect LOG [--entries N]"));
+    };
+    let limit = p.number::<u64>("entries")?.unwrap_or(u64::MAX);
+    let file = std::fs::File::open(log).map_err(|e| Failure {
+        code: exit_code::BAD_LOG,
+        message: format!("cannot open {log}: {e}"),
+        detail: String::new(),
+    })?;
+    let bad = |e: ftvm_log::LogError| Failure { code: exit_code::BAD_LOG, message: format!("{log}: {e}"), detail: String::new() };
+    let mut reader = LogReader::open(std::io::BufReader::new(file)).map_err(bad)?;
+    let h = reader.header().clone();
+    println!("log {log}");
+    println!("  format version {}", ftvm_log::FORMAT_VERSION);
+    println!("  engine         {}", h.engine);
+    println!("  module         {}", h.module_hash);
+    println!("  disk           {}", h.disk_hash);
+    println!("  args           {:?}", h.spec.args);
+    println!("  env            {:?}", h.spec.env);
+    println!("  preopens       {:?}", h.spec.preopens);
+    println!("  listeners      {:?}", h.spec.listeners);
+    if let Some(nic) = &h.spec.nic {
+        println!(
+            "  nic            mac {} ip {}/{}",
+            ftvm_log::spec::mac_to_string(&nic.mac),
+            std::net::Ipv4Addr::from(nic.ip),
+            nic.prefix_len
+        );
+    }
+    println!("  limits         {:?}", h.spec.limits);
+    let mut counts: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut shown = 0;
+    let mut last_offset = reader.offset();
+    let end = loop {
+        match reader.next_entry() {
+            Ok(Some((seq, entry))) => {
+                let size = reader.offset() - last_offset;
+                last_offset = reader.offset();
+                let c = counts.entry(entry.kind().to_string()).or_default();
+                c.0 += 1;
+                c.1 += size;
+                if shown < limit {
+                    println!("{seq:>8} {}", entry.summary());
+                    shown += 1;
+                }
+            }
+            Ok(None) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    println!("summary: {} entries, {} bytes", reader.last_seq(), reader.offset());
+    for (kind, (n, bytes)) in counts {
+        println!("  {kind:<24} {n:>10} entries {bytes:>12} bytes");
+    }
+    match end {
+        None => Ok(0),
+        Some(e) => Err(bad(e)),
+    }
+}
