@@ -2,6 +2,7 @@
 
 mod cli;
 mod opts;
+mod vmdef;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

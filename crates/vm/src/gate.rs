@@ -237,8 +237,10 @@ pub struct Gate {
     /// Virtual time as last observed through the gate; deterministic, so the VM may use it.
     last_mono_ns: u64,
     last_realtime_ns: u64,
-    /// Replay: a checkpoint read ahead of the event it follows.
+    /// The entry at which a replaying gate went live.
     went_live_at: Option<u64>,
+    /// Went live and the VM has not yet done its go-live duties (announce, retransmit).
+    live_duties_pending: bool,
 }
 
 impl Gate {
@@ -267,7 +269,13 @@ impl Gate {
             last_mono_ns: 0,
             last_realtime_ns: 0,
             went_live_at: None,
+            live_duties_pending: false,
         }
+    }
+
+    /// True once after going live: the caller announces the VM's addresses and retransmits.
+    pub fn take_go_live_duties(&mut self) -> bool {
+        std::mem::take(&mut self.live_duties_pending)
     }
 
     pub fn is_replaying(&self) -> bool {
@@ -572,6 +580,7 @@ impl Gate {
                 };
                 live.world.continue_from(self.last_mono_ns);
                 self.went_live_at = Some(self.seq);
+                self.live_duties_pending = true;
                 self.port = live.port;
                 self.mode = Mode::Record { sink: live.sink, world: live.world };
                 Ok(None)

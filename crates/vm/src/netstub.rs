@@ -25,5 +25,7 @@ impl NetStack {
     pub fn poll(&mut self, now_ns: u64) {}
     pub fn drain_frames(&mut self) -> impl Iterator<Item = Vec<u8>> + '_ { std::iter::empty() }
     pub fn next_deadline_ns(&self) -> Option<u64> { None }
+    pub fn announce(&mut self) {}
+    pub fn retransmit_all(&mut self, now_ns: u64) {}
     pub fn state_hash(&self) -> [u8; 32] { [0; 32] }
 }

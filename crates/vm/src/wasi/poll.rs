@@ -138,7 +138,14 @@ pub(crate) fn wait_and_deliver(c: &mut Caller<'_, Host>, deadline: Option<u64>) 
     if wake.control.is_some() {
         return Err(super::Fail::Fatal(VmError::PoweredOff));
     }
+    let go_live = host.gate.take_go_live_duties();
     if let Some(net) = host.net.as_mut() {
+        if go_live {
+            // The paper's go-live: take over the VM's MAC/IP on the wire, and resend everything
+            // the dead primary may have held back under the Output Rule.
+            net.announce();
+            net.retransmit_all(wake.now_ns);
+        }
         for frame in &wake.frames {
             net.receive_frame(frame, wake.now_ns);
         }
