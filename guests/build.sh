@@ -29,6 +29,8 @@ needs_build() {
     [[ ! -e "$1" || "$2" -nt "$1" || "$SELF" -nt "$1" ]]
 }
 
+built=0
+
 # compile TARGET SRC OUT [extra flags...]
 compile() {
     local target="$1" src="$2" out="$3"
@@ -42,6 +44,7 @@ compile() {
             exit 1
         fi
         mv -f "$out.tmp" "$out"
+        built=1
     fi
 }
 
@@ -60,5 +63,13 @@ done
 for name in "${NATIVE[@]}"; do
     compile x86_64-linux-musl "$GUESTS/$name.c" "$NATIVE_OUT/$name" -s
 done
+
+# Every wasm guest may import only wasi_snapshot_preview1 functions (the hypervisor's gate).
+if ((built)); then
+    if ! "$PY" "$GUESTS/wasm-imports.py" --check "$OUT"/*.wasm >/dev/null; then
+        echo "guests/build.sh: a guest imports something other than wasi_snapshot_preview1" >&2
+        exit 1
+    fi
+fi
 
 echo "guests: built in ${OUT#"$REPO"/}"

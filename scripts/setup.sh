@@ -51,37 +51,37 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
     restore_policy
     trap - EXIT
+    # The lab starts its own redis/etcd instances on its own ports: no services at boot either.
+    for svc in redis-server etcd; do
+        systemctl disable "$svc" >/dev/null 2>&1 || true
+        update-rc.d "$svc" disable >/dev/null 2>&1 || true
+    done
 else
     log "Debian packages present"
 fi
 
-# Make sure no redis/etcd daemon is left running (by an install or a package script).
-stop_daemon() {
-    local name="$1" pids
-    pids="$(pgrep -x "$name" || true)"
+# Make sure no packaged redis/etcd service is left running (started by an install or a package
+# script). Only the service users' daemons are touched: lab instances run as root and stay.
+# stop_service PROCESS_NAME SERVICE_USER SERVICE_NAME
+stop_service() {
+    local name="$1" user="$2" svc="$3" pids
+    pids="$(pgrep -x -u "$user" "$name" 2>/dev/null || true)"
     [[ -z "$pids" ]] && return 0
-    log "stopping running $name ($pids)"
-    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
-        systemctl stop "$2" >/dev/null 2>&1 || true
-        systemctl disable "$2" >/dev/null 2>&1 || true
-    elif [[ -x "/etc/init.d/$2" ]]; then
-        "/etc/init.d/$2" stop >/dev/null 2>&1 || true
+    log "stopping the $svc service ($pids)"
+    if [[ -d /run/systemd/system ]]; then
+        systemctl stop "$svc" >/dev/null 2>&1 || true
+    elif [[ -x "/etc/init.d/$svc" ]]; then
+        "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
     fi
-    pids="$(pgrep -x "$name" || true)"
-    if [[ -n "$pids" ]]; then
-        # shellcheck disable=SC2086
-        kill $pids 2>/dev/null || true
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            pgrep -x "$name" >/dev/null || break
-            sleep 0.2
-        done
-        pids="$(pgrep -x "$name" || true)"
-        # shellcheck disable=SC2086
-        [[ -n "$pids" ]] && kill -9 $pids 2>/dev/null || true
-    fi
+    for _ in $(seq 1 25); do
+        pgrep -x -u "$user" "$name" >/dev/null 2>&1 || return 0
+        pkill -x -u "$user" "$name" 2>/dev/null || true
+        sleep 0.2
+    done
+    pkill -9 -x -u "$user" "$name" 2>/dev/null || true
 }
-stop_daemon redis-server redis-server
-stop_daemon etcd etcd
+stop_service redis-server redis redis-server
+stop_service etcd etcd etcd
 
 # ---------------------------------------------------------------- Python venv + zig
 VENV="$REPO/.venv"

@@ -11,6 +11,7 @@
 pub mod console;
 pub mod engine;
 pub mod gate;
+pub mod instrument;
 pub mod logfile;
 pub mod vdisk;
 pub mod wasi;
@@ -173,7 +174,10 @@ impl Vm {
             std::fs::read_dir(d).map_err(|e| VmError::Disk(format!("cannot read preopened directory {}: {e}", d.display())))?;
         }
         let engine: Engine = engine::deterministic_engine(spec.limits.fuel)?;
-        let module: Module = engine::load_module(&engine, &image.module_bytes, &image.name)?;
+        // Prepared so every global is reachable for the state hash; unparseable bytes pass
+        // through unchanged, so the engine's error is about the user's module.
+        let prepared = instrument::export_all_globals(&image.module_bytes);
+        let module: Module = engine::load_module(&engine, &prepared, &image.name)?;
         let mut linker = Linker::new(&engine);
         wasi::add_to_linker(&mut linker)?;
 
