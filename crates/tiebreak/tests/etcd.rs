@@ -1,0 +1,265 @@
+//! The etcd tiebreaker against a real etcd (Debian's `etcd-server`), one private server per test on
+//! loopback with fresh ports and a temporary data directory.
+//!
+//! If `etcd` is not installed these tests fail (install it with `apt-get install -y etcd-server`),
+//! unless `FTVM_SKIP_ETCD=1` is set, in which case they print "skipped" and return. `FTVM_ETCD_BIN`
+//! names another etcd binary.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use ftvm_tiebreak::{EtcdTiebreaker, Outcome, TestAndSet};
+
+/// How long a fresh single-node etcd may take to become healthy.
+const ETCD_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A private etcd server. Killed when dropped, including when the test panics.
+struct EtcdServer {
+    child: Child,
+    client_url: String,
+    log_path: PathBuf,
+    _data: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    /// Starts a server, or returns `None` when the environment asks to skip etcd tests.
+    fn start(test: &str) -> Option<EtcdServer> {
+        if std::env::var("FTVM_SKIP_ETCD").as_deref() == Ok("1") {
+            println!("{test}: skipped (FTVM_SKIP_ETCD=1)");
+            return None;
+        }
+        let binary = etcd_binary().unwrap_or_else(|| {
+            panic!(
+                "etcd is not installed, so the etcd tiebreaker cannot be tested: install it with \
+                 `apt-get install -y etcd-server` (or set FTVM_ETCD_BIN), or set FTVM_SKIP_ETCD=1 \
+                 to skip these tests"
+            )
+        });
+        // A port picked from a closed listener can be taken by someone else before etcd binds it;
+        // then etcd exits at once and we try again with new ports.
+        let mut last_failure = String::new();
+        for _ in 0..3 {
+            match Self::try_start(&binary) {
+                Ok(server) => return Some(server),
+                Err(why) => last_failure = why,
+            }
+        }
+        panic!("{test}: could not start etcd: {last_failure}");
+    }
+
+    fn try_start(binary: &PathBuf) -> Result<EtcdServer, String> {
+        let data = tempfile::tempdir().map_err(|e| format!("no temporary directory: {e}"))?;
+        let (client_port, peer_port) = two_free_ports();
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log_path = data.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("no log file: {e}"))?;
+        let mut command = Command::new(binary);
+        command
+            .args(["--name", "ftvm-test"])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("ftvm-test={peer_url}")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        die_with_parent(&mut command);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        let mut server = EtcdServer {
+            child,
+            client_url,
+            log_path,
+            _data: data,
+        };
+        server.wait_healthy()?;
+        Ok(server)
+    }
+
+    /// Polls `/health` until etcd has a leader and answers, or it exits, or time runs out.
+    fn wait_healthy(&mut self) -> Result<(), String> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_millis(500))
+            .try_proxy_from_env(false)
+            .build();
+        let url = format!("{}/health", self.client_url);
+        let deadline = Instant::now() + ETCD_START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "etcd exited with {status} while starting:\n{}",
+                    self.log()
+                ));
+            }
+            if let Ok(response) = agent.get(&url).call() {
+                if response
+                    .into_string()
+                    .is_ok_and(|body| body.contains("\"health\":\"true\""))
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "etcd was not healthy at {url} after {ETCD_START_TIMEOUT:?}:\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn tiebreaker(&self) -> EtcdTiebreaker {
+        EtcdTiebreaker::new(&[&self.client_url]).unwrap()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn etcd_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("FTVM_ETCD_BIN") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+fn two_free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// Makes the kernel kill etcd if the test process dies without running destructors.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
+fn etcd_sixteen_racers_one_winner() {
+    let Some(etcd) = EtcdServer::start("etcd_sixteen_racers_one_winner") else {
+        return;
+    };
+    for epoch in 1..=3u64 {
+        let barrier = Arc::new(Barrier::new(16));
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let barrier = barrier.clone();
+                // One client per thread, as on separate hosts.
+                let tb = etcd.tiebreaker();
+                std::thread::spawn(move || {
+                    let owner = format!("host-{i}");
+                    barrier.wait();
+                    (
+                        owner.clone(),
+                        tb.test_and_set("vm1", epoch, &owner).unwrap(),
+                    )
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let winners: Vec<_> = results
+            .iter()
+            .filter(|(_, o)| *o == Outcome::Won)
+            .map(|(w, _)| w.clone())
+            .collect();
+        assert_eq!(winners.len(), 1, "epoch {epoch}: winners {winners:?}");
+        for (owner, outcome) in &results {
+            if let Outcome::Lost { holder } = outcome {
+                assert_eq!(*holder, winners[0], "{owner} was told the wrong holder");
+            }
+        }
+        assert_eq!(
+            etcd.tiebreaker().current("vm1").unwrap(),
+            Some((epoch, winners[0].clone()))
+        );
+    }
+}
+
+#[test]
+fn etcd_epochs_and_vms_are_independent() {
+    let Some(etcd) = EtcdServer::start("etcd_epochs_and_vms_are_independent") else {
+        return;
+    };
+    let tb = etcd.tiebreaker();
+    assert_eq!(tb.current("vm1").unwrap(), None);
+    assert_eq!(tb.test_and_set("vm1", 1, "a").unwrap(), Outcome::Won);
+    assert_eq!(
+        tb.test_and_set("vm1", 1, "b").unwrap(),
+        Outcome::Lost { holder: "a".into() }
+    );
+    assert_eq!(
+        tb.test_and_set("vm1", 1, "a").unwrap(),
+        Outcome::Won,
+        "a retry by the holder"
+    );
+    assert_eq!(tb.test_and_set("vm1", 2, "b").unwrap(), Outcome::Won);
+    assert_eq!(tb.test_and_set("vm1", 10, "c").unwrap(), Outcome::Won);
+    assert_eq!(tb.test_and_set("vm1", 9, "d").unwrap(), Outcome::Won);
+    assert_eq!(tb.test_and_set("vm10", 11, "e").unwrap(), Outcome::Won);
+    assert_eq!(tb.current("vm1").unwrap(), Some((10, "c".into())));
+    assert_eq!(tb.current("vm10").unwrap(), Some((11, "e".into())));
+    assert_eq!(tb.current("vm2").unwrap(), None);
+}
+
+#[test]
+fn etcd_endpoints_are_tried_in_order_and_a_dead_cluster_is_transient() {
+    let Some(mut etcd) = EtcdServer::start("etcd_endpoints_are_tried_in_order") else {
+        return;
+    };
+    let (dead_port, _) = two_free_ports();
+    let dead = format!("http://127.0.0.1:{dead_port}");
+    let tb = EtcdTiebreaker::new(&[dead.as_str(), etcd.client_url.as_str()]).unwrap();
+    assert_eq!(tb.test_and_set("vm1", 1, "a").unwrap(), Outcome::Won);
+    assert_eq!(tb.current("vm1").unwrap(), Some((1, "a".into())));
+
+    etcd.kill();
+    let err = tb.test_and_set("vm1", 2, "a").unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&dead) && text.contains(&etcd.client_url),
+        "{text}"
+    );
+    assert!(text.contains("wait and retry"), "{text}");
+}
