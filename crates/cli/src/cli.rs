@@ -22,7 +22,17 @@ usage:
   ftvm inspect LOG [--entries N]
       Print a log's header and a summary of its entries.
 
+  ftvm ft --vm VM.toml --as primary|backup --log ADDR:PORT --tiebreak dir:PATH|etcd:URL
+          [--tap NAME] [--fault SPEC] [--status-file FILE] [--disk HOST_DIR::GUEST_DIR]...
+      Run one replica of a fault-tolerant pair. The primary listens on --log for its backup; the
+      backup connects to it there.
+  ftvm status STATUS_FILE
+      Show a replica's role, epoch, lag, log bandwidth and held outputs.
+
 VM options:
+  --nic tap=NAME,mac=MAC,ip=ADDR/PREFIX[,gw=ADDR][,seed=N][,fault=drop=P;dup=P;reorder=P;delay=MS;seed=N]
+                            attach the VM's NIC to a TAP device (root or CAP_NET_ADMIN)
+  --listen PORT             preopen a TCP listener on the VM's netstack (repeatable)
   --memory-max-mib N        cap on guest memory (default 256)
   --checkpoint-events N     gate events between checkpoints (default 4096; 0: only at exit)
   --fuel                    count instructions and check the count at checkpoints
@@ -40,6 +50,8 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
         "run" => run(rest),
         "replay" => replay(rest),
         "inspect" => inspect(rest),
+        "ft" => crate::ft::main(rest),
+        "status" => crate::ft::status_main(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(0)
@@ -48,7 +60,7 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
     }
 }
 
-const VM_OPTIONS: &[&str] = &["dir", "env", "memory-max-mib", "checkpoint-events"];
+const VM_OPTIONS: &[&str] = &["dir", "env", "memory-max-mib", "checkpoint-events", "nic", "listen"];
 const VM_FLAGS: &[&str] = &["fuel"];
 
 /// Reads the module file.
@@ -92,14 +104,22 @@ pub fn spec_from_options(p: &Parsed, name: &str, guest_args: &[String]) -> Resul
         limits.checkpoint_events = n;
     }
     limits.fuel = p.flag("fuel");
+    let nic = match p.one("nic") {
+        Some(text) => Some(crate::vmdef::parse_nic_option(&text)?.spec),
+        None => None,
+    };
+    let mut listeners = Vec::new();
+    for port in p.all("listen") {
+        listeners.push(port.parse::<u16>().map_err(|_| Failure::usage(format!("--listen {port:?}: expected a TCP port")))?);
+    }
     let mut args = vec![name.to_string()];
     args.extend(guest_args.iter().cloned());
     let spec = VmSpec {
         args,
         env,
         preopens: dirs.iter().map(|(_, g)| g.clone()).collect(),
-        listeners: Vec::new(),
-        nic: None,
+        listeners,
+        nic,
         limits,
     };
     Ok((spec, dirs.into_iter().map(|(h, _)| h).collect()))
@@ -130,9 +150,32 @@ fn run(args: &[String]) -> Result<i32, Failure> {
         None => Box::new(NullSink),
     };
     let checkpoint_events = image.spec.limits.checkpoint_events;
-    let gate = Gate::record(sink, World::new(None, None), Box::new(ConsolePort { frames: None }), checkpoint_events);
+    // The NIC: a TAP device attached off the VM thread; frames enter at the next gate point.
+    let attachment = match p.one("nic") {
+        Some(text) => {
+            let nic = crate::vmdef::parse_nic_option(&text)?;
+            let att = crate::nic::Nic::open(&nic.tap, nic.fault.as_deref()).map_err(|e| Failure {
+                code: exit_code::IO,
+                message: format!("cannot attach to TAP device {}: {e}", nic.tap),
+                detail: String::new(),
+            })?;
+            Some(att)
+        }
+        None => None,
+    };
+    let frames_rx = attachment.as_ref().map(|a| a.receiver());
+    let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = attachment.as_ref().map(|a| {
+        let tx = a.transmitter();
+        let f: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| tx.send(frame));
+        f
+    });
+    let (control_tx, control_rx) = crossbeam_channel::bounded(4);
+    let _power_off = crate::ft::install_power_off_signal(control_tx);
+    let gate = Gate::record(sink, World::new(frames_rx, Some(control_rx)), Box::new(ConsolePort { frames: frames_out }), checkpoint_events);
     let mut vm = Vm::boot(&image, gate)?;
-    finish(vm.run())
+    let outcome = vm.run();
+    drop(attachment);
+    finish(outcome)
 }
 
 fn replay(args: &[String]) -> Result<i32, Failure> {

@@ -1,7 +1,10 @@
 //! `ftvm`: the command line. This file only maps outcomes to exit codes; the work is in `cli`.
 
 mod cli;
+mod ft;
+mod nic;
 mod opts;
+mod tiebreak_spec;
 mod vmdef;
 
 fn main() {

@@ -8,6 +8,7 @@
 //! - `logfile`: log sinks and sources backed by files.
 //! - `console`: the console output port.
 
+pub mod channel;
 pub mod console;
 pub mod engine;
 pub mod gate;

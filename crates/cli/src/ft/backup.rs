@@ -1,0 +1,345 @@
+//! The backup: replays the primary's log as it arrives, acks it, and goes live when the primary
+//! fails (after draining the log and winning the tiebreaker).
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use ftvm_log::{ControlOp, Entry};
+use ftvm_repl::wire::Frame;
+use ftvm_repl::{Action, BackupLink};
+use ftvm_vm::channel::ChannelSource;
+use ftvm_vm::console::ConsolePort;
+use ftvm_vm::gate::{DropOutputs, GoLive, NullSink, ReplayEnd};
+use ftvm_vm::{exit_code, Gate, Vm, VmError, VmOutcome, World};
+
+use super::primary::halt;
+use super::status::{Status, StatusWriter};
+use super::{config_hash, disk_hash_bytes, link, now_ms, Node};
+use crate::opts::Failure;
+
+/// Most decoded entries queued for the replaying VM; past it the driver stops reading the
+/// channel, the primary's unacked buffer fills, and the primary stalls (flow control).
+pub const REPLAY_QUEUE_ENTRIES_MAX: usize = 64 * 1024;
+const TICK_MS: u64 = 5;
+
+pub fn run(node: Node) -> Result<i32, Failure> {
+    let header = node.image.header()?;
+    let stream = connect(&node)?;
+    let reader_rx = link::spawn_reader(stream.try_clone().map_err(|e| Failure::usage(e.to_string()))?);
+    let blink = handshake(&stream, &reader_rx, &node, &header).map_err(|why| Failure {
+        code: exit_code::HALTED,
+        message: format!("no pairing with the primary: {why}"),
+        detail: String::new(),
+    })?;
+    let epoch = blink.epoch();
+    eprintln!("ftvm: backup of {} at epoch {epoch}, replaying", node.vm_id);
+
+    // Attached but deaf until go-live: the backup's input is the log, not the wire.
+    let attachment = super::attach(&node, false)?;
+    let (replay_tx, replay_rx) = bounded::<(u64, Entry)>(REPLAY_QUEUE_ENTRIES_MAX);
+    let replayed = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(AtomicBool::new(false));
+    let clean_end = Arc::new(AtomicBool::new(false));
+
+    let driver = Driver {
+        vm_id: node.vm_id.clone(),
+        epoch,
+        link: blink,
+        stream: Some(stream),
+        reader_rx,
+        replay_tx: Some(replay_tx),
+        replayed: replayed.clone(),
+        live: live.clone(),
+        clean_end: clean_end.clone(),
+        status: StatusWriter::new(node.status_file.clone()),
+        received_seq: 0,
+        bytes_received: 0,
+    };
+    let driver_thread = std::thread::Builder::new().name("ftvm-driver".into()).spawn(move || driver.run()).expect("spawn driver");
+
+    let (control_tx, control_rx) = bounded::<ControlOp>(4);
+    let takeover = Takeover {
+        vm_id: node.vm_id.clone(),
+        owner: node.owner.clone(),
+        epoch,
+        tiebreak: node.tiebreak.clone(),
+        attachment: Mutex::new(attachment),
+        control_rx: Some(control_rx),
+        control_tx: Some(control_tx),
+        live: live.clone(),
+        clean_end: clean_end.clone(),
+    };
+    let gate = Gate::replay(
+        Box::new(ChannelSource::new(replay_rx, replayed)),
+        Some(Box::new(takeover)),
+        Box::new(DropOutputs),
+        node.image.spec.limits.checkpoint_events,
+    );
+    let mut vm = Vm::boot(&node.image, gate)?;
+    let outcome = vm.run();
+    let went_live = vm.host().gate.went_live_at();
+    drop(vm);
+    live.store(true, Ordering::SeqCst);
+    let _ = driver_thread.join();
+    match outcome {
+        Ok(VmOutcome::Exited(c)) => {
+            eprintln!("ftvm: guest exited with {c}{}", if went_live.is_some() { " (after going live)" } else { " (replayed)" });
+            Ok((c & 0xff) as i32)
+        }
+        Ok(VmOutcome::PoweredOff) => {
+            eprintln!("ftvm: the VM was powered off");
+            Ok(0)
+        }
+        Err(VmError::Halted(why)) => halt(why),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits for the primary's Hello and answers it.
+fn handshake(stream: &TcpStream, reader_rx: &Receiver<link::FromPeer>, node: &Node, header: &ftvm_log::LogHeader) -> Result<BackupLink, String> {
+    // Any epoch the primary won is acceptable at pairing time: the link adopts the Hello's epoch.
+    let mut blink = BackupLink::new(link::config(&node.ft), 1, link::expect(node, config_hash(header), disk_hash_bytes(header)), now_ms())
+        .map_err(|e| e.to_string())?;
+    loop {
+        let frame = link::next_frame(reader_rx)?;
+        for action in blink.on_message(frame, now_ms()).map_err(|e| e.to_string())? {
+            match action {
+                Action::Send(f) => link::write_frame(stream, &f).map_err(|e| e.to_string())?,
+                Action::HandshakeDone => return Ok(blink),
+                Action::HandshakeRejected { reason } => return Err(reason),
+                Action::StaleEpoch { theirs, ours } => return Err(format!("the primary is in epoch {theirs}, below {ours}")),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn connect(node: &Node) -> Result<TcpStream, Failure> {
+    let deadline = Instant::now() + Duration::from_millis(node.wait_ms);
+    loop {
+        match TcpStream::connect_timeout(&node.log_addr, Duration::from_millis(500)) {
+            Ok(s) => {
+                super::set_stream_options(&s).map_err(|e| Failure::usage(e.to_string()))?;
+                return Ok(s);
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(Failure {
+                    code: exit_code::HALTED,
+                    message: format!("cannot reach the primary at {}: {e}", node.log_addr),
+                    detail: String::new(),
+                })
+            }
+        }
+    }
+}
+
+struct Driver {
+    vm_id: String,
+    epoch: u64,
+    link: BackupLink,
+    stream: Option<TcpStream>,
+    reader_rx: Receiver<link::FromPeer>,
+    /// Dropped when the log has ended: the replaying VM then drains and goes live.
+    replay_tx: Option<Sender<(u64, Entry)>>,
+    replayed: Arc<AtomicU64>,
+    live: Arc<AtomicBool>,
+    clean_end: Arc<AtomicBool>,
+    status: StatusWriter,
+    received_seq: u64,
+    bytes_received: u64,
+}
+
+impl Driver {
+    fn run(mut self) {
+        let mut last_replayed = 0;
+        while !self.live.load(Ordering::SeqCst) {
+            let now = now_ms();
+            self.forward_records();
+            let replay_room = self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) && self.link.wants_records();
+            let never = crossbeam_channel::never();
+            select! {
+                recv(if replay_room { &self.reader_rx } else { &never }) -> msg => {
+                    let event = msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into()));
+                    self.on_peer(event, now);
+                },
+                default(Duration::from_millis(TICK_MS)) => {
+                    let actions = self.link.tick(now);
+                    self.apply(actions);
+                }
+            }
+            let replayed = self.replayed.load(Ordering::Relaxed);
+            if replayed != last_replayed {
+                last_replayed = replayed;
+                if let Ok(actions) = self.link.replayed(replayed, now) {
+                    self.apply(actions);
+                }
+            }
+            self.publish(now);
+        }
+    }
+
+    fn on_peer(&mut self, event: link::FromPeer, now: u64) {
+        match event {
+            link::FromPeer::Frame(frame) => {
+                self.bytes_received += link::approx_size(&frame.message);
+                match self.link.on_message(frame, now) {
+                    Ok(actions) => self.apply(actions),
+                    Err(e) => {
+                        eprintln!("ftvm: log channel protocol error: {e}; the channel is dropped");
+                        self.forward_records();
+                        self.end_of_log();
+                    }
+                }
+                self.forward_records();
+            }
+            link::FromPeer::Closed(why) => {
+                if !self.clean_end.load(Ordering::SeqCst) {
+                    eprintln!("ftvm: log channel from the primary ended: {why}");
+                }
+                self.end_of_log();
+            }
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Send(frame) => self.send(&frame),
+                Action::PeerFailed { silent_ms } => {
+                    eprintln!("ftvm: no word from the primary for {silent_ms} ms; it is considered failed");
+                    self.forward_records();
+                    self.end_of_log();
+                }
+                Action::PeerClosed { reason } => {
+                    eprintln!("ftvm: the primary closed the log channel cleanly ({reason:?})");
+                    self.clean_end.store(true, Ordering::SeqCst);
+                    self.forward_records();
+                    self.end_of_log();
+                }
+                Action::StaleEpoch { theirs, ours } => {
+                    eprintln!("ftvm: a frame from stale epoch {theirs} (ours is {ours}) was not applied");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        if let Some(stream) = self.stream.as_ref() {
+            if link::write_frame(stream, frame).is_err() {
+                self.stream = None;
+            }
+        }
+    }
+
+    /// Moves received records to the replaying VM, checking each entry's own checksum.
+    fn forward_records(&mut self) {
+        while self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) {
+            let Some(record) = self.link.pop_record() else { return };
+            match ftvm_log::decode_framed(&record.bytes, record.seq) {
+                Ok((s, entry)) if s == record.seq => {
+                    self.received_seq = record.seq;
+                    if let Some(tx) = &self.replay_tx {
+                        let _ = tx.send((record.seq, entry));
+                    }
+                }
+                Ok((s, _)) => {
+                    eprintln!("ftvm: log record {} carries entry {s}; not applied, dropping the channel", record.seq);
+                    self.end_of_log();
+                    return;
+                }
+                Err(e) => {
+                    eprintln!("ftvm: log record {} is corrupt ({e}); not applied, dropping the channel", record.seq);
+                    self.end_of_log();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// No more log will come: let the VM drain what it has (then it goes live or ends).
+    fn end_of_log(&mut self) {
+        self.replay_tx = None;
+        if let Some(s) = self.stream.take() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn publish(&mut self, now: u64) {
+        let replayed = self.replayed.load(Ordering::Relaxed);
+        self.status.maybe_write(now, || Status {
+            role: "backup".into(),
+            vm: self.vm_id.clone(),
+            epoch: self.epoch,
+            peer: self.replay_tx.as_ref().map(|_| "primary".into()),
+            last_seq: self.received_seq,
+            acked_seq: self.received_seq,
+            lag_entries: self.received_seq.saturating_sub(replayed),
+            lag_ms: self.link.replay_lag_ms(now),
+            log_bytes_sent: self.bytes_received,
+            outputs_held: 0,
+            outputs_held_bytes: 0,
+            slowdown_permille: 0,
+        });
+    }
+}
+
+/// The backup's go-live: runs in the VM thread when the replayed log has ended.
+struct Takeover {
+    vm_id: String,
+    owner: String,
+    epoch: u64,
+    tiebreak: Arc<dyn ftvm_tiebreak::TestAndSet>,
+    attachment: Mutex<Option<crate::nic::Nic>>,
+    control_rx: Option<Receiver<ControlOp>>,
+    control_tx: Option<Sender<ControlOp>>,
+    live: Arc<AtomicBool>,
+    clean_end: Arc<AtomicBool>,
+}
+
+impl ReplayEnd for Takeover {
+    fn on_log_end(&mut self, last_seq: u64, _last_mono_ns: u64) -> Result<Option<GoLive>, VmError> {
+        if self.clean_end.load(Ordering::SeqCst) {
+            // The primary said goodbye yet the guest wants more: the log is short, not failed.
+            return Ok(None);
+        }
+        let next = self.epoch + 1;
+        eprintln!("ftvm: replayed the whole log (entry {last_seq}); claiming epoch {next}");
+        match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
+            Ok(true) => {}
+            Ok(false) => return Err(VmError::Halted(format!("the primary kept epoch {next}; this backup halts"))),
+            Err(e) => return Err(VmError::Halted(format!("tiebreaker unreachable ({e}); halting rather than risk two primaries"))),
+        }
+        self.live.store(true, Ordering::SeqCst);
+        let attachment = self.attachment.lock().expect("attachment lock").take();
+        let (frames, transmit) = match &attachment {
+            Some(a) => {
+                a.set_enabled(true);
+                (Some(a.receiver()), Some(a.transmitter()))
+            }
+            None => (None, None),
+        };
+        // The attachment must outlive the VM: it owns the TAP reader thread.
+        std::mem::forget(attachment);
+        if let Some(tx) = self.control_tx.take() {
+            let _ = super::install_power_off_signal(tx);
+        }
+        eprintln!("ftvm: LIVE: won epoch {next}; this replica is now the primary (alone)");
+        let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = transmit.map(|t| {
+            let f: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| t.send(frame));
+            f
+        });
+        Ok(Some(GoLive {
+            sink: Box::new(NullSink),
+            world: World::new(frames, self.control_rx.take()),
+            port: Box::new(ConsolePort { frames: frames_out }),
+        }))
+    }
+}

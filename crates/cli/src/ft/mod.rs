@@ -1,0 +1,188 @@
+//! `ftvm ft`: one replica of a fault-tolerant VM pair (the paper's primary or backup).
+//!
+//! ```text
+//!   primary host                                   backup host
+//!   ┌──────────────┐  records, outputs  ┌────────┐   log channel (TCP)   ┌────────┐  entries  ┌──────────────┐
+//!   │ VM (record)  │───── in order ────►│ driver │══ Records/Heartbeat ═►│ driver │──────────►│ VM (replay)  │
+//!   │ gate + WASI  │                    │ Output │◄═══ Ack/Heartbeat ════│        │           │ outputs      │
+//!   └──────▲───────┘                    │ Rule   │                       └────────┘           │ dropped      │
+//!          │ frames                      └───┬────┘                                            └──────────────┘
+//!        TAP ◄──────── released outputs ─────┘
+//! ```
+//!
+//! The VM thread runs the guest; the driver thread owns the replication state machine
+//! (`ftvm_repl`), the socket writes and the Output Rule; a reader thread decodes the channel.
+//! Failure of the peer (EOF without goodbye, corrupt frame, or silence past the timeout) makes the
+//! survivor claim the next epoch with the tiebreaker before it goes on; the loser halts.
+
+mod backup;
+mod link;
+mod primary;
+mod status;
+
+pub use status::show as status_main;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::nic::Nic;
+use ftvm_tiebreak::TestAndSet;
+use ftvm_vm::VmImage;
+
+use crate::opts::{parse, Failure};
+use crate::vmdef::{FtDef, VmDef};
+
+/// How long a primary waits for its backup to connect before it gives up (or, with
+/// `--alone-after-ms`, goes on alone after winning the tiebreaker).
+pub const BACKUP_WAIT_MS_DEFAULT: u64 = 30_000;
+/// How long a backup keeps trying to reach its primary at start-up.
+pub const CONNECT_WAIT_MS_DEFAULT: u64 = 30_000;
+/// Write timeout on the log channel: a peer that stops reading is a failed peer.
+pub const CHANNEL_WRITE_TIMEOUT_MS: u64 = 2_000;
+/// Read chunk of the log channel reader.
+pub const CHANNEL_READ_BYTES: usize = 256 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+/// Everything one replica needs, from the command line and the VM definition.
+pub struct Node {
+    pub role: Role,
+    pub vm_id: String,
+    pub image: VmImage,
+    pub ft: FtDef,
+    pub log_addr: SocketAddr,
+    pub tap: Option<String>,
+    pub fault: Option<String>,
+    pub tiebreak: std::sync::Arc<dyn TestAndSet>,
+    pub owner: String,
+    pub status_file: Option<PathBuf>,
+    pub wait_ms: u64,
+    /// Test hook: corrupt the Nth frame this primary sends on the log channel.
+    pub corrupt_frame: Option<u64>,
+}
+
+pub fn main(args: &[String]) -> Result<i32, Failure> {
+    let p = parse(
+        args,
+        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame"],
+        &[],
+        false,
+    )?;
+    let need = |k: &str| p.one(k).ok_or_else(|| Failure::usage(format!("ftvm ft needs --{k}")));
+    let role = match need("as")?.as_str() {
+        "primary" => Role::Primary,
+        "backup" => Role::Backup,
+        other => return Err(Failure::usage(format!("--as {other}: expected primary or backup"))),
+    };
+    let (def, base) = VmDef::load(std::path::Path::new(&need("vm")?))?;
+    let mut disks = Vec::new();
+    for d in p.all("disk") {
+        let (h, g) = d.split_once("::").ok_or_else(|| Failure::usage(format!("--disk {d:?}: expected HOST_DIR::GUEST_DIR")))?;
+        disks.push((PathBuf::from(h), g.to_string()));
+    }
+    let (spec, dirs) = def.spec(&base, &disks)?;
+    let module_path = def.module_path(&base);
+    let (name, bytes) = crate::cli::read_module(module_path.to_str().unwrap_or_default())?;
+    let image = VmImage { name, module_bytes: bytes, spec, dirs };
+    let log_addr: SocketAddr = need("log")?.parse().map_err(|_| Failure::usage("--log: expected ADDR:PORT"))?;
+    let tiebreak: std::sync::Arc<dyn TestAndSet> = crate::tiebreak_spec::parse(&need("tiebreak")?)?.into();
+    let owner = p.one("owner").unwrap_or_else(|| format!("{}-{:?}-{}", hostname(), role, std::process::id()));
+    let wait_ms = p.number::<u64>("wait-ms")?.unwrap_or(match role {
+        Role::Primary => BACKUP_WAIT_MS_DEFAULT,
+        Role::Backup => CONNECT_WAIT_MS_DEFAULT,
+    });
+    let node = Node {
+        role,
+        vm_id: def.name.clone(),
+        image,
+        ft: def.ft.clone(),
+        log_addr,
+        tap: p.one("tap"),
+        fault: p.one("fault"),
+        tiebreak,
+        owner,
+        status_file: p.one("status-file").map(PathBuf::from),
+        wait_ms,
+        corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
+    };
+    if node.image.spec.nic.is_some() != node.tap.is_some() {
+        return Err(Failure::usage("a VM with a [nic] needs --tap NAME (and --tap needs a [nic])"));
+    }
+    match role {
+        Role::Primary => primary::run(node),
+        Role::Backup => backup::run(node),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+}
+
+/// The hash both replicas compare in the handshake: module, VM definition and engine.
+pub fn config_hash(header: &ftvm_log::LogHeader) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(header.module_hash.as_bytes());
+    h.update(&serde_json::to_vec(&header.spec).expect("spec serializes"));
+    h.update(header.engine.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+pub fn disk_hash_bytes(header: &ftvm_log::LogHeader) -> [u8; 32] {
+    *blake3::hash(header.disk_hash.as_bytes()).as_bytes()
+}
+
+/// Opens the VM's NIC attachment (TAP), if it has one.
+pub fn attach(node: &Node, enabled: bool) -> Result<Option<Nic>, Failure> {
+    let Some(tap) = &node.tap else { return Ok(None) };
+    let att = Nic::open(tap, node.fault.as_deref()).map_err(|e| Failure {
+        code: ftvm_vm::exit_code::IO,
+        message: format!("cannot attach to TAP device {tap}: {e}"),
+        detail: String::new(),
+    })?;
+    att.set_enabled(enabled);
+    Ok(Some(att))
+}
+
+pub fn now_ms() -> u64 {
+    // The replication protocol's own clock (timeouts, heartbeats): the host's monotonic clock.
+    // It never reaches the guest.
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn set_stream_options(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(Duration::from_millis(CHANNEL_WRITE_TIMEOUT_MS)))
+}
+
+/// Installs SIGTERM/SIGINT handlers that request a power-off, delivered to the VM through the
+/// log (a control operation), so every replica stops at the same point. Returns a guard; the
+/// watcher thread ends when the VM's control channel closes.
+pub fn install_power_off_signal(control: crossbeam_channel::Sender<ftvm_log::ControlOp>) -> std::thread::JoinHandle<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FLAG: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        FLAG.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    std::thread::spawn(move || loop {
+        if FLAG.swap(false, Ordering::SeqCst) {
+            eprintln!("ftvm: power-off requested");
+            if control.send(ftvm_log::ControlOp::PowerOff).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    })
+}

@@ -1,0 +1,79 @@
+//! The replica's status, written as JSON to a file for `ftvm status` (atomically, a few times a
+//! second), so that an operator or a test sees role, epoch, lag and held outputs without a
+//! control socket.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// How often the status file is rewritten.
+pub const STATUS_INTERVAL_MS: u64 = 200;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub role: String,
+    pub vm: String,
+    pub epoch: u64,
+    pub peer: Option<String>,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    pub lag_entries: u64,
+    pub lag_ms: u64,
+    /// Primary: bytes sent on the log channel; backup: bytes received.
+    pub log_bytes_sent: u64,
+    pub outputs_held: u64,
+    pub outputs_held_bytes: u64,
+    pub slowdown_permille: u64,
+}
+
+pub struct StatusWriter {
+    path: Option<PathBuf>,
+    last_ms: u64,
+    last_bytes: u64,
+}
+
+impl StatusWriter {
+    pub fn new(path: Option<PathBuf>) -> StatusWriter {
+        StatusWriter { path, last_ms: 0, last_bytes: 0 }
+    }
+
+    pub fn maybe_write(&mut self, now_ms: u64, make: impl FnOnce() -> Status) {
+        let Some(path) = &self.path else { return };
+        if now_ms < self.last_ms + STATUS_INTERVAL_MS {
+            return;
+        }
+        let status = make();
+        let elapsed = (now_ms - self.last_ms).max(1);
+        let bandwidth_bps = (status.log_bytes_sent.saturating_sub(self.last_bytes)) * 8 * 1000 / elapsed;
+        self.last_ms = now_ms;
+        self.last_bytes = status.log_bytes_sent;
+        let mut value = serde_json::to_value(&status).expect("status serializes");
+        value["log_bandwidth_bps"] = serde_json::json!(bandwidth_bps);
+        value["updated_ms"] = serde_json::json!(now_ms);
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec_pretty(&value).expect("json")).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// `ftvm status FILE`: prints a replica's status.
+pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
+    let [file] = args else {
+        return Err(crate::opts::Failure::usage("usage: ftvm status STATUS_FILE"));
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| crate::opts::Failure::usage(format!("cannot read {file}: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::opts::Failure::usage(format!("{file}: {e}")))?;
+    let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    println!("role          {}", g("role").as_str().unwrap_or("?"));
+    println!("vm            {}", g("vm").as_str().unwrap_or("?"));
+    println!("epoch         {}", g("epoch"));
+    println!("peer          {}", g("peer").as_str().unwrap_or("none"));
+    println!("log seq       {} (acked {})", g("last_seq"), g("acked_seq"));
+    println!("lag           {} entries, {} ms", g("lag_entries"), g("lag_ms"));
+    let bw = g("log_bandwidth_bps").as_u64().unwrap_or(0) as f64 / 1e6;
+    println!("log bandwidth {bw:.3} Mbit/s ({} bytes in all)", g("log_bytes_sent"));
+    println!("outputs held  {} ({} bytes)", g("outputs_held"), g("outputs_held_bytes"));
+    println!("slowdown      {} per mille", g("slowdown_permille"));
+    Ok(0)
+}
