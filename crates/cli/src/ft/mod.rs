@@ -51,6 +51,7 @@ pub enum Role {
 
 /// Everything one replica needs, from the command line and the VM definition.
 pub struct Node {
+    #[allow(dead_code)]
     pub role: Role,
     pub vm_id: String,
     pub image: VmImage,

@@ -1,0 +1,307 @@
+//! Fault-tolerant pairs on loopback with a console guest (`sleeper`): real `ftvm ft` processes,
+//! real signals, a real TCP log channel. The networked versions (a KV guest behind a TAP, real
+//! clients) are in `lab_failover.rs`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A free loopback port (bound once to learn it, then released).
+fn port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed (and reaped) on drop, even when the test fails.
+struct Proc {
+    child: Option<Child>,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+    /// Waits (bounded) for the exit code.
+    fn wait(&mut self, limit: Duration) -> i32 {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {limit:?}; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+    vm: PathBuf,
+    tb: String,
+}
+
+impl Pair {
+    fn new(lines: u32, ms: u32) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let vm = dir.path().join("sleeper.toml");
+        std::fs::write(
+            &vm,
+            format!(
+                "name = \"sleeper\"\nmodule = \"{}\"\nargs = [\"{lines}\", \"{ms}\"]\n[ft]\nfailure_timeout_ms = 600\n",
+                guest("sleeper").display()
+            ),
+        )
+        .unwrap();
+        let tb = format!("dir:{}", dir.path().join("tb").display());
+        Pair { dir, vm, tb }
+    }
+
+    fn start(&self, name: &str, role: &str, log: u16, extra: &[&str]) -> Proc {
+        let out = self.dir.path().join(format!("{name}.out"));
+        let err = self.dir.path().join(format!("{name}.err"));
+        let mut cmd = Command::new(ftvm());
+        cmd.args(["ft", "--vm", self.vm.to_str().unwrap(), "--as", role, "--log", &format!("127.0.0.1:{log}")])
+            .args(["--tiebreak", &self.tb, "--owner", name, "--wait-ms", "10000"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        Proc { child: Some(cmd.spawn().unwrap()), out, err }
+    }
+
+    fn claims(&self) -> Vec<String> {
+        let dir = self.dir.path().join("tb/sleeper");
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Waits until `f` holds (bounded).
+fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The iteration numbers a sleeper printed, in order.
+fn iterations(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("i=").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+fn assert_in_order_no_duplicates(seen: &[u32]) {
+    for w in seen.windows(2) {
+        assert!(w[1] > w[0], "console lines repeated or out of order across the failover: {seen:?}");
+    }
+}
+
+#[test]
+fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
+    let pair = Pair::new(40, 50);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 8);
+    primary.signal(libc::SIGKILL);
+    primary.wait(Duration::from_secs(5));
+    assert_eq!(backup.wait(Duration::from_secs(30)), 0, "{}", backup.stderr());
+    assert!(backup.stderr().contains("LIVE"), "{}", backup.stderr());
+    let mut seen = iterations(&primary.stdout());
+    seen.extend(iterations(&backup.stdout()));
+    assert_in_order_no_duplicates(&seen);
+    // Console bytes the dead primary still held under the Output Rule are gone (the backup's
+    // replayed copies were dropped): at most the line in flight.
+    assert!(seen.len() >= 39, "lost more than one line: {seen:?}");
+    assert_eq!(*seen.last().unwrap(), 39);
+    assert!(backup.stdout().contains("sleeper: done"));
+    assert_eq!(pair.claims(), vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]);
+}
+
+#[test]
+fn backup_killed_primary_goes_on_alone() {
+    let pair = Pair::new(30, 40);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 5);
+    backup.signal(libc::SIGKILL);
+    backup.wait(Duration::from_secs(5));
+    assert_eq!(primary.wait(Duration::from_secs(30)), 0, "{}", primary.stderr());
+    assert_eq!(iterations(&primary.stdout()), (0..30).collect::<Vec<_>>(), "the primary printed every line once");
+    assert!(primary.stderr().contains("going on alone"), "{}", primary.stderr());
+    assert_eq!(pair.claims().len(), 2, "the primary claimed the next epoch before going on alone");
+}
+
+#[test]
+fn a_clean_exit_is_not_a_failure() {
+    let pair = Pair::new(5, 20);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    assert_eq!(primary.wait(Duration::from_secs(30)), 0, "{}", primary.stderr());
+    assert_eq!(backup.wait(Duration::from_secs(30)), 0, "{}", backup.stderr());
+    assert!(backup.stderr().contains("(replayed)"), "{}", backup.stderr());
+    assert!(!backup.stderr().contains("LIVE"));
+    assert_eq!(backup.stdout(), "", "a backup's outputs are dropped");
+    assert_eq!(pair.claims(), vec!["epoch-00000000000000000001"], "nobody claimed a new epoch");
+}
+
+#[test]
+fn power_off_travels_through_the_log_and_stops_both() {
+    let pair = Pair::new(1000, 20);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 3);
+    primary.signal(libc::SIGTERM);
+    assert_eq!(primary.wait(Duration::from_secs(10)), 0, "{}", primary.stderr());
+    assert_eq!(backup.wait(Duration::from_secs(10)), 0, "{}", backup.stderr());
+    assert!(primary.stderr().contains("powered off"));
+    assert!(backup.stderr().contains("powered off"), "{}", backup.stderr());
+    assert_eq!(pair.claims().len(), 1);
+}
+
+#[test]
+fn a_paused_primary_never_speaks_after_the_backup_went_live() {
+    let pair = Pair::new(1000, 20);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 3);
+    primary.signal(libc::SIGSTOP);
+    wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
+    let before = primary.stdout();
+    primary.signal(libc::SIGCONT);
+    assert_eq!(primary.wait(Duration::from_secs(10)), 127, "the stale primary halts: {}", primary.stderr());
+    assert_eq!(primary.stdout(), before, "the stale primary emitted output after the backup went live");
+    assert!(primary.stderr().contains("HALT"));
+    backup.signal(libc::SIGTERM);
+    assert_eq!(backup.wait(Duration::from_secs(10)), 0, "{}", backup.stderr());
+}
+
+/// A TCP relay between backup and primary that the test can cut.
+struct Relay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            let (a, _) = listener.accept().unwrap();
+            let b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    let mut buf = [0u8; 65536];
+                    while !flag.load(Ordering::SeqCst) {
+                        match from.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                if into.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+}
+
+fn exactly_one_survives(primary: &mut Proc, backup: &mut Proc) {
+    // The survivor runs the guest to its end; the loser halts with 127.
+    let a = primary.wait(Duration::from_secs(60));
+    let b = backup.wait(Duration::from_secs(60));
+    let mut codes = [a, b];
+    codes.sort();
+    assert_eq!(codes, [0, 127], "exactly one side lives on: primary {a} ({}), backup {b} ({})", primary.stderr(), backup.stderr());
+}
+
+#[test]
+fn a_cut_log_channel_leaves_exactly_one_live() {
+    let pair = Pair::new(60, 20);
+    let log = port();
+    let relay = Relay::start(log);
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", relay.port, &[]);
+    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 5);
+    relay.cut.store(true, Ordering::SeqCst);
+    exactly_one_survives(&mut primary, &mut backup);
+    assert_eq!(pair.claims().len(), 2, "one new epoch, claimed once");
+}
+
+#[test]
+fn a_corrupted_log_frame_is_detected_not_applied() {
+    let pair = Pair::new(40, 20);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &["--corrupt-log-frame", "12"]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    exactly_one_survives(&mut primary, &mut backup);
+    let err = backup.stderr();
+    assert!(err.contains("corrupt log-channel frame detected, not applied"), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn a_backup_of_another_vm_is_refused() {
+    let pair = Pair::new(50, 20);
+    let other = Pair::new(51, 20); // different args: a different VM definition
+    let log = port();
+    let _primary = pair.start("a", "primary", log, &[]);
+    let out = Command::new(ftvm())
+        .args(["ft", "--vm", other.vm.to_str().unwrap(), "--as", "backup", "--log", &format!("127.0.0.1:{log}")])
+        .args(["--tiebreak", &pair.tb, "--wait-ms", "5000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(127));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("configuration hash differs"), "{err}");
+}
