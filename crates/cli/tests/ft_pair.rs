@@ -229,7 +229,18 @@ impl Relay {
         let flag = cut.clone();
         std::thread::spawn(move || {
             let (a, _) = listener.accept().unwrap();
-            let b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            // The primary may not be listening yet: retry, bounded.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let b = loop {
+                match TcpStream::connect(("127.0.0.1", to)) {
+                    Ok(b) => break b,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("relay cannot reach the primary: {e}"),
+                }
+            };
             for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
                 let flag = flag.clone();
                 std::thread::spawn(move || {
