@@ -72,6 +72,10 @@ struct Pair {
 
 impl Pair {
     fn new(lines: u32, ms: u32) -> Pair {
+        Pair::with_tiebreak(lines, ms, None)
+    }
+
+    fn with_tiebreak(lines: u32, ms: u32, tiebreak: Option<String>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let vm = dir.path().join("sleeper.toml");
         std::fs::write(
@@ -82,7 +86,7 @@ impl Pair {
             ),
         )
         .unwrap();
-        let tb = format!("dir:{}", dir.path().join("tb").display());
+        let tb = tiebreak.unwrap_or_else(|| format!("dir:{}", dir.path().join("tb").display()));
         Pair { dir, vm, tb }
     }
 
@@ -315,4 +319,38 @@ fn a_backup_of_another_vm_is_refused() {
     assert_eq!(out.status.code(), Some(127));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("configuration hash differs"), "{err}");
+}
+
+/// The soak: many kill rounds, a fresh pair each, with both tiebreakers. Console lines never
+/// repeat or reorder across a failover, and the guest always finishes.
+fn kill_rounds(rounds: usize, tiebreak: impl Fn(usize) -> Option<String>) {
+    for round in 0..rounds {
+        let pair = Pair::with_tiebreak(12, 15, tiebreak(round));
+        let log = port();
+        let mut primary = pair.start("a", "primary", log, &[]);
+        let mut backup = pair.start("b", "backup", log, &[]);
+        let kill_after = 1 + round % 6;
+        wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= kill_after);
+        primary.signal(libc::SIGKILL);
+        primary.wait(Duration::from_secs(5));
+        assert_eq!(backup.wait(Duration::from_secs(30)), 0, "round {round}: {}", backup.stderr());
+        let mut seen = iterations(&primary.stdout());
+        seen.extend(iterations(&backup.stdout()));
+        assert_in_order_no_duplicates(&seen);
+        assert!(seen.len() >= 11, "round {round}: lost more than one line: {seen:?}");
+        assert!(backup.stdout().contains("sleeper: done"), "round {round}");
+    }
+}
+
+#[test]
+fn kill_rounds_with_the_shared_directory_tiebreaker() {
+    kill_rounds(if soak() { 50 } else { 5 }, |_| None);
+}
+
+#[test]
+fn kill_rounds_with_the_etcd_tiebreaker() {
+    let etcd = Etcd::start();
+    // One etcd for all rounds and one VM name: each new pair claims the epoch after the last
+    // round's, as pairs in a real cluster would.
+    kill_rounds(if soak() { 50 } else { 5 }, |_| Some(format!("etcd:{}", etcd.url)));
 }

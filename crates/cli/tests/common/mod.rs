@@ -50,3 +50,63 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Slow soak tests run when FTVM_SOAK=1 or in CI.
+pub fn soak() -> bool {
+    std::env::var("FTVM_SOAK").is_ok_and(|v| v == "1") || std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A real etcd server on loopback (Debian `etcd-server`), killed on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "ftvm-test", "--data-dir", dir.path().join("data").to_str().unwrap()])
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("ftvm-test={peer_url}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd is not installed: run `bash scripts/setup.sh` (Debian etcd-server)");
+        let etcd = Etcd { child, url, _dir: dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if etcd.healthy() {
+                return etcd;
+            }
+            assert!(std::time::Instant::now() < deadline, "etcd did not become healthy within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+        let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
