@@ -26,6 +26,8 @@ usage:
           [--tap NAME] [--fault SPEC] [--status-file FILE] [--disk HOST_DIR::GUEST_DIR]...
       Run one replica of a fault-tolerant pair. The primary listens on --log for its backup; the
       backup connects to it there.
+  ftvm demo
+      A fault-tolerant pair, a SIGKILL of the primary mid-run, and a report.
   ftvm status STATUS_FILE
       Show a replica's role, epoch, lag, log bandwidth and held outputs.
 
@@ -51,6 +53,7 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
         "replay" => replay(rest),
         "inspect" => inspect(rest),
         "ft" => crate::ft::main(rest),
+        "demo" => crate::demo::main(rest),
         "status" => crate::ft::status_main(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");

@@ -1,6 +1,7 @@
 //! `ftvm`: the command line. This file only maps outcomes to exit codes; the work is in `cli`.
 
 mod cli;
+mod demo;
 mod ft;
 mod nic;
 mod opts;
