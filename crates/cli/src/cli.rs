@@ -23,7 +23,7 @@ usage:
       Print a log's header and a summary of its entries.
 
   ftvm ft --vm VM.toml --as primary|backup --log ADDR:PORT --tiebreak dir:PATH|etcd:URL
-          [--tap NAME] [--fault SPEC] [--status-file FILE] [--disk HOST_DIR::GUEST_DIR]...
+          [--tap NAME] [--fault SPEC] [--status-file FILE] [--disk HOST_DIR::GUEST_DIR]... [--record LOG]
       Run one replica of a fault-tolerant pair. The primary listens on --log for its backup; the
       backup connects to it there.
   ftvm demo

@@ -176,11 +176,16 @@ fn backup_killed_primary_goes_on_alone() {
 fn a_clean_exit_is_not_a_failure() {
     let pair = Pair::new(5, 20);
     let log = port();
-    let mut primary = pair.start("a", "primary", log, &[]);
+    let saved = pair.dir.path().join("primary.log");
+    let mut primary = pair.start("a", "primary", log, &["--record", saved.to_str().unwrap()]);
     let mut backup = pair.start("b", "backup", log, &[]);
     assert_eq!(primary.wait(Duration::from_secs(30)), 0, "{}", primary.stderr());
     assert_eq!(backup.wait(Duration::from_secs(30)), 0, "{}", backup.stderr());
     assert!(backup.stderr().contains("(replayed)"), "{}", backup.stderr());
+    // The primary's log, saved to a file, replays the session for debugging.
+    let replay = run(&["replay", saved.to_str().unwrap(), guest("sleeper").to_str().unwrap()]);
+    assert_eq!(code(&replay), 0, "{}", stderr(&replay));
+    assert_eq!(String::from_utf8_lossy(&replay.stdout), primary.stdout());
     assert!(!backup.stderr().contains("LIVE"));
     assert_eq!(backup.stdout(), "", "a backup's outputs are dropped");
     assert_eq!(pair.claims(), vec!["epoch-00000000000000000001"], "nobody claimed a new epoch");

@@ -711,3 +711,24 @@ mod tests {
         assert_eq!(sink.0.lock().unwrap()[0].0, 2, "the new primary's log continues the sequence");
     }
 }
+
+/// Writes every entry to two sinks: the log channel and a file, say, for a later debugging replay.
+pub struct TeeSink(pub Box<dyn LogSink>, pub Box<dyn LogSink>);
+
+impl LogSink for TeeSink {
+    fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
+        self.0.append(seq, entry)?;
+        self.1.append(seq, entry)
+    }
+    fn flush(&mut self) -> Result<(), VmError> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+    fn idle(&mut self) -> Result<(), VmError> {
+        self.0.idle()?;
+        self.1.idle()
+    }
+    fn pace(&mut self) -> Duration {
+        self.0.pace().max(self.1.pace())
+    }
+}

@@ -63,6 +63,8 @@ pub struct Node {
     pub owner: String,
     pub status_file: Option<PathBuf>,
     pub wait_ms: u64,
+    /// Primary: also write the log to this file, for a debugging replay with `ftvm replay`.
+    pub record: Option<PathBuf>,
     /// Test hook: corrupt the Nth frame this primary sends on the log channel.
     pub corrupt_frame: Option<u64>,
 }
@@ -70,7 +72,7 @@ pub struct Node {
 pub fn main(args: &[String]) -> Result<i32, Failure> {
     let p = parse(
         args,
-        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame"],
+        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame", "record"],
         &[],
         false,
     )?;
@@ -110,6 +112,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         status_file: p.one("status-file").map(PathBuf::from),
         wait_ms,
         corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
+        record: p.one("record").map(PathBuf::from),
     };
     if node.image.spec.nic.is_some() != node.tap.is_some() {
         return Err(Failure::usage("a VM with a [nic] needs --tap NAME (and --tap needs a [nic])"));

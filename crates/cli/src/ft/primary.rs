@@ -52,8 +52,13 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let driver = Driver::new(&node, epoch, link, stream, transmit, pacing.clone(), reader_rx, vm_rx);
     let driver_thread = std::thread::Builder::new().name("ftvm-driver".into()).spawn(move || driver.run()).expect("spawn driver");
 
+    let channel: Box<dyn ftvm_vm::LogSink> = Box::new(ChannelSink::new(vm_tx.clone(), pacing));
+    let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
+        Some(path) => Box::new(ftvm_vm::gate::TeeSink(channel, Box::new(ftvm_vm::logfile::FileSink::create(path, &header)?))),
+        None => channel,
+    };
     let gate = Gate::record(
-        Box::new(ChannelSink::new(vm_tx.clone(), pacing)),
+        sink,
         World::new(frames_rx, Some(control_rx)),
         Box::new(HeldOutputs::new(vm_tx.clone())),
         node.image.spec.limits.checkpoint_events,
