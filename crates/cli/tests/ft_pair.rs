@@ -359,3 +359,29 @@ fn kill_rounds_with_the_etcd_tiebreaker() {
     // round's, as pairs in a real cluster would.
     kill_rounds(if soak() { 50 } else { 5 }, |_| Some(format!("etcd:{}", etcd.url)));
 }
+
+#[test]
+fn a_lagging_backup_slows_the_primary_down() {
+    let pair = Pair::new(300, 2);
+    let log = port();
+    let status = pair.dir.path().join("a.json");
+    let mut primary = pair.start("a", "primary", log, &["--status-file", status.to_str().unwrap()]);
+    let mut backup = pair.start("b", "backup", log, &["--slow-replay-us", "4000"]);
+    let mut max_slowdown = 0;
+    let mut max_lag = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while primary.child.as_mut().unwrap().try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "primary did not finish");
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                max_slowdown = max_slowdown.max(v["slowdown_permille"].as_u64().unwrap_or(0));
+                max_lag = max_lag.max(v["lag_ms"].as_u64().unwrap_or(0));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(primary.wait(Duration::from_secs(1)), 0, "{}", primary.stderr());
+    assert_eq!(backup.wait(Duration::from_secs(60)), 0, "{}", backup.stderr());
+    assert!(max_lag > 100, "the backup was made to lag past the 100 ms target (saw {max_lag} ms)");
+    assert!(max_slowdown > 0, "the primary was slowed down (lag {max_lag} ms, slowdown {max_slowdown}‰)");
+}

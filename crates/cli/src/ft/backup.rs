@@ -72,8 +72,10 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         live: live.clone(),
         clean_end: clean_end.clone(),
     };
+    let source: Box<dyn ftvm_vm::LogSource> = Box::new(ChannelSource::new(replay_rx, replayed));
+    let source = if node.slow_replay_us > 0 { Box::new(SlowSource(source, node.slow_replay_us)) } else { source };
     let gate = Gate::replay(
-        Box::new(ChannelSource::new(replay_rx, replayed)),
+        source,
         Some(Box::new(takeover)),
         Box::new(DropOutputs),
         node.image.spec.limits.checkpoint_events,
@@ -341,5 +343,15 @@ impl ReplayEnd for Takeover {
             world: World::new(frames, self.control_rx.take()),
             port: Box::new(ConsolePort { frames: frames_out }),
         }))
+    }
+}
+
+/// Test hook: a backup that replays slowly, to exercise flow control.
+struct SlowSource(Box<dyn ftvm_vm::LogSource>, u64);
+
+impl ftvm_vm::LogSource for SlowSource {
+    fn next_entry(&mut self) -> Result<Option<(u64, Entry)>, VmError> {
+        std::thread::sleep(Duration::from_micros(self.1));
+        self.0.next_entry()
     }
 }

@@ -63,6 +63,8 @@ pub struct Node {
     pub owner: String,
     pub status_file: Option<PathBuf>,
     pub wait_ms: u64,
+    /// Test hook (backup): sleep this long per replayed entry, to make the backup lag.
+    pub slow_replay_us: u64,
     /// Primary: also write the log to this file, for a debugging replay with `ftvm replay`.
     pub record: Option<PathBuf>,
     /// Test hook: corrupt the Nth frame this primary sends on the log channel.
@@ -72,7 +74,7 @@ pub struct Node {
 pub fn main(args: &[String]) -> Result<i32, Failure> {
     let p = parse(
         args,
-        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame", "record"],
+        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame", "record", "slow-replay-us"],
         &[],
         false,
     )?;
@@ -113,6 +115,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         wait_ms,
         corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
         record: p.one("record").map(PathBuf::from),
+        slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
     };
     if node.image.spec.nic.is_some() != node.tap.is_some() {
         return Err(Failure::usage("a VM with a [nic] needs --tap NAME (and --tap needs a [nic])"));
