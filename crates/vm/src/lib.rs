@@ -16,8 +16,6 @@ pub mod instrument;
 pub mod logfile;
 pub mod vdisk;
 pub mod wasi;
-pub mod netstub;
-use netstub as ftvm_net;
 
 use std::path::PathBuf;
 

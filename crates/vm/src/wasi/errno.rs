@@ -5,6 +5,7 @@ pub type Errno = u16;
 pub const SUCCESS: Errno = 0;
 pub const TOOBIG: Errno = 1;
 pub const ACCES: Errno = 2;
+pub const ADDRINUSE: Errno = 3;
 pub const AGAIN: Errno = 6;
 pub const BADF: Errno = 8;
 pub const BUSY: Errno = 10;
@@ -34,6 +35,7 @@ pub const PERM: Errno = 63;
 pub const PIPE: Errno = 64;
 pub const ROFS: Errno = 69;
 pub const SPIPE: Errno = 70;
+pub const TIMEDOUT: Errno = 73;
 pub const XDEV: Errno = 75;
 pub const NOTCAPABLE: Errno = 76;
 

@@ -17,7 +17,6 @@ use serde::Serialize;
 use wasmtime::{AsContextMut, Caller, Global, Linker, Memory};
 
 use crate::gate::{Gate, Output};
-use crate::netstub as ftvm_net;
 use crate::vdisk::{DiskMeta, VDisk};
 use crate::VmError;
 use errno::Errno;

@@ -5,7 +5,6 @@
 //! waits of blocking calls go through the gate. Frames a call makes the stack send leave through
 //! the output path (and so obey the Output Rule).
 
-use crate::netstub as ftvm_net;
 use ftvm_net::NetError;
 use wasmtime::{Caller, Linker};
 
@@ -64,10 +63,12 @@ fn lid(id: u32) -> ftvm_net::ListenerId {
 fn map_err(e: NetError) -> Errno {
     match e {
         NetError::WouldBlock => errno::AGAIN,
-        NetError::ConnectionReset => errno::CONNRESET,
+        NetError::ConnReset => errno::CONNRESET,
+        NetError::TimedOut => errno::TIMEDOUT,
         NetError::NotConnected => errno::NOTCONN,
         NetError::BrokenPipe => errno::PIPE,
-        NetError::InvalidSocket => errno::BADF,
+        NetError::InvalidSocket(_) | NetError::InvalidListener(_) => errno::BADF,
+        NetError::AddrInUse { .. } => errno::ADDRINUSE,
         _ => errno::IO,
     }
 }
@@ -214,5 +215,6 @@ pub(super) fn socket_ready(host: &mut Host, id: u32, write: bool) -> Option<(u64
     let net = host.net.as_ref()?;
     let r = net.readiness(sid(id));
     let ready = if write { r.writable || r.hangup || r.error } else { r.readable || r.hangup || r.error };
-    ready.then_some((if write { 1 } else { r.readable_bytes as u64 }, r.hangup))
+    // nbytes is advisory in WASI; wasi-libc's poll() does not use it.
+    ready.then_some((1, r.hangup))
 }
