@@ -10,7 +10,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 ZIG_VERSION="0.17.1"
-APT_PACKAGES=(redis-tools redis-server etcd-server iproute2 binaryen)
+APT_PACKAGES=(redis-tools redis-server etcd-server iproute2 binaryen iputils-ping)
 
 log() { printf '[setup] %s\n' "$*"; }
 

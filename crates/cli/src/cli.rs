@@ -28,6 +28,9 @@ usage:
       backup connects to it there.
   ftvm demo
       A fault-tolerant pair, a SIGKILL of the primary mid-run, and a report.
+  ftvm lab up|down [--name NAME] [--subnet I]
+      Build (or remove) the lab: network namespaces NAME-client, NAME-host-a/b/c on one switch,
+      198.18.I.0/24.
   ftvm status STATUS_FILE
       Show a replica's role, epoch, lag, log bandwidth and held outputs.
 
@@ -54,6 +57,7 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
         "inspect" => inspect(rest),
         "ft" => crate::ft::main(rest),
         "demo" => crate::demo::main(rest),
+        "lab" => crate::lab::main(rest),
         "status" => crate::ft::status_main(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");

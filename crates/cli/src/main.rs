@@ -3,6 +3,7 @@
 mod cli;
 mod demo;
 mod ft;
+mod lab;
 mod nic;
 mod opts;
 mod tiebreak_spec;
