@@ -19,6 +19,10 @@
 //! - `stack`: [`NetStack`]: dispatch, ARP/neighbor table, ICMP echo, listeners, the socket API.
 //! - `limits`: every bound, as named constants (re-exported at the crate root).
 //! - `rng`: the seeded PRNG.
+//! - `bytes_serde`: socket buffers serialize as byte strings (fast `save`/`state_hash`).
+//! - `tests/`: hand-made segments (`unit`), smoltcp as an independent client over a seeded lossy
+//!   link with lockstep replicas, snapshots and failover (`sim`), seeded fuzzing (`fuzz`).
+//!   `fuzz/` holds the cargo-fuzz target (`cargo +nightly fuzz run frames`, not in CI).
 //!
 //! # API
 //!
@@ -43,14 +47,16 @@
 //! save(&self) -> Vec<u8>;  NetStack::restore(&[u8]) -> Result<NetStack, NetError>
 //! state_hash(&self) -> [u8; 32]                                             // BLAKE3 of save()
 //! stats(&self) -> Stats
+//! config(&self) -> &NicConfig;  pending_frames(&self) -> usize;  check_invariants(&self)
 //! ```
 //!
 //! # How the caller drives it
 //!
-//! - Every frame from the wire goes to [`NetStack::receive_frame`]; after *every* call that takes
-//!   `&mut self` (including `recv`, `send`, `close`, `accept`-free calls and `poll`), frames may
-//!   be waiting: take them with [`NetStack::drain_frames`] and transmit them in order. On the
-//!   primary they are outputs under the Output Rule.
+//! - Every frame from the wire goes to [`NetStack::receive_frame`]. After *any* call that takes
+//!   `&mut self` frames may be waiting (`recv` can queue a window update, `send` data, `close` a
+//!   FIN or RST, `poll` retransmissions, `receive_frame` ACKs, ARP and ICMP replies): take them
+//!   with [`NetStack::drain_frames`] and transmit them in order. On the primary they are outputs
+//!   under the Output Rule; on the backup they are produced identically and discarded.
 //! - Call [`NetStack::poll`] whenever virtual time reaches [`NetStack::next_deadline_ns`]. Calling
 //!   it more often is harmless; calling it late only delays retransmissions. The deadline can
 //!   change after any call, so read it again after each one.
@@ -59,6 +65,10 @@
 //! - Frames queue in an outbox of at most [`MAX_OUTBOX_FRAMES`]; beyond that they are dropped
 //!   (counted in [`Stats::drop_outbox_full`]) and TCP recovers. Drain often.
 //! - After failover: `announce()`, then `retransmit_all(now)`, then drain and send.
+//! - A socket that ended (reset, timed out, or closed by both sides) stays allocated until the
+//!   guest calls `close`; only then is it freed. Sockets never accepted are freed by the stack.
+//! - [`NetStack::state_hash`] serializes the whole state: cost is linear in buffered bytes
+//!   (worst case [`MAX_SOCKETS`] x ([`SEND_BUF_BYTES`] + [`RECV_BUF_BYTES`])).
 //!
 //! # Architecture invariants
 //!
@@ -77,6 +87,7 @@
 //! secret hash (RFC 6528): anyone knowing the seed can predict them. Frames to an unknown next
 //! hop are dropped after an ARP request goes out (TCP retransmits); there is no ARP wait queue.
 
+mod bytes_serde;
 mod limits;
 mod rng;
 mod stack;
@@ -97,7 +108,9 @@ pub enum NetError {
     #[error("the operation would block: no connection, data or buffer space is ready; wait for readiness and retry")]
     WouldBlock,
     /// The socket id is unknown, was never accepted, or was already closed.
-    #[error("socket {0} is not an open socket of this netstack (never accepted, or already closed)")]
+    #[error(
+        "socket {0} is not an open socket of this netstack (never accepted, or already closed)"
+    )]
     InvalidSocket(u32),
     /// The listener id is unknown or closed.
     #[error("listener {0} is not an open listener of this netstack")]
@@ -127,7 +140,9 @@ pub enum NetError {
     #[error("the peer reset the connection; close the socket")]
     ConnReset,
     /// The peer stopped answering: the retransmission limit was reached.
-    #[error("the peer stopped acknowledging data (retransmission limit reached); close the socket")]
+    #[error(
+        "the peer stopped acknowledging data (retransmission limit reached); close the socket"
+    )]
     TimedOut,
     /// The connection is no longer connected.
     #[error("the connection is closed; close the socket")]

@@ -62,3 +62,7 @@ pub const MAX_SYNACK_RETRIES: u32 = 4;
 pub const TIME_WAIT_NS: u64 = 2_000_000_000;
 /// How long a socket the guest has closed waits in FIN-WAIT-2 for the peer's FIN.
 pub const FIN_WAIT_2_TIMEOUT_NS: u64 = 30_000_000_000;
+
+/// Challenge ACKs (RFC 5961) one connection sends per second at most; an RST or SYN storm with
+/// in-window sequence numbers then costs at most this many replies.
+pub const MAX_CHALLENGE_ACKS_PER_SEC: u32 = 10;

@@ -48,7 +48,7 @@ pub struct Stats {
     pub frames_out: u64,
     /// Bytes queued for transmission.
     pub bytes_out: u64,
-    /// Dropped: longer than [`MAX_FRAME_LEN`].
+    /// Dropped: longer than [`MAX_FRAME_LEN`], or an echo request whose reply would exceed the MTU.
     pub drop_oversized: u64,
     /// Dropped: truncated or malformed header.
     pub drop_malformed: u64,
@@ -148,13 +148,22 @@ pub struct NetStack {
     stats: Stats,
 }
 
-const INVALID_READINESS: Readiness = Readiness { readable: true, writable: true, hangup: true, error: true };
+const INVALID_READINESS: Readiness = Readiness {
+    readable: true,
+    writable: true,
+    hangup: true,
+    error: true,
+};
 
 impl NetStack {
     /// Creates a stack. `seed` feeds the PRNG that picks initial sequence numbers and IP
     /// identifications; primary and backup must use the same seed.
     pub fn new(cfg: NicConfig, seed: u64) -> Self {
-        let cfg = NicConfig { prefix_len: cfg.prefix_len.min(32), mtu: cfg.mtu.clamp(MIN_MTU, MAX_MTU), ..cfg };
+        let cfg = NicConfig {
+            prefix_len: cfg.prefix_len.min(32),
+            mtu: cfg.mtu.clamp(MIN_MTU, MAX_MTU),
+            ..cfg
+        };
         let mut rng = Rng::new(seed);
         let ip_ident = rng.next_u32() as u16;
         NetStack {
@@ -225,7 +234,11 @@ impl NetStack {
     }
 
     fn learn(&mut self, ip: [u8; 4], mac: [u8; 6], create: bool) {
-        if !self.is_remote_unicast(ip) || wire::mac_is_group(mac) || mac == [0; 6] || mac == self.cfg.mac {
+        if !self.is_remote_unicast(ip)
+            || wire::mac_is_group(mac)
+            || mac == [0; 6]
+            || mac == self.cfg.mac
+        {
             return;
         }
         let now = self.now_ns;
@@ -239,7 +252,11 @@ impl NetStack {
         }
         if self.neighbors.len() >= MAX_NEIGHBORS {
             // Evict the least recently seen (ties: lowest address, by map order).
-            let victim = self.neighbors.iter().min_by_key(|(_, n)| n.seen_ns).map(|(ip, _)| *ip);
+            let victim = self
+                .neighbors
+                .iter()
+                .min_by_key(|(_, n)| n.seen_ns)
+                .map(|(ip, _)| *ip);
             if let Some(v) = victim {
                 self.neighbors.remove(&v);
             }
@@ -268,9 +285,17 @@ impl NetStack {
             Some(&t) => now.saturating_sub(t) >= ARP_REQUEST_INTERVAL_NS,
             None => true,
         };
-        if due && (self.arp_requested.len() < MAX_NEIGHBORS || self.arp_requested.contains_key(&hop)) {
+        if due
+            && (self.arp_requested.len() < MAX_NEIGHBORS || self.arp_requested.contains_key(&hop))
+        {
             self.arp_requested.insert(hop, now);
-            let arp = ArpPacket { oper: wire::ARP_REQUEST, sha: self.cfg.mac, spa: self.cfg.ip, tha: [0; 6], tpa: hop };
+            let arp = ArpPacket {
+                oper: wire::ARP_REQUEST,
+                sha: self.cfg.mac,
+                spa: self.cfg.ip,
+                tha: [0; 6],
+                tpa: hop,
+            };
             let f = wire::build_arp_frame(wire::MAC_BROADCAST, self.cfg.mac, &arp);
             self.stats.arp_requests_sent += 1;
             self.push_frame(f);
@@ -284,7 +309,10 @@ impl NetStack {
     }
 
     fn push_frame(&mut self, frame: Vec<u8>) {
-        assert!(frame.len() <= MAX_FRAME_LEN, "netstack: emitted a frame larger than the MTU allows");
+        assert!(
+            frame.len() <= MAX_FRAME_LEN,
+            "netstack: emitted a frame larger than the MTU allows"
+        );
         if self.outbox.len() >= MAX_OUTBOX_FRAMES {
             self.stats.drop_outbox_full += 1;
             return;
@@ -299,7 +327,13 @@ impl NetStack {
             self.stats.drop_no_neighbor += 1;
             return None;
         };
-        Some(Ipv4Route { eth_dst: mac, eth_src: self.cfg.mac, ip_src: self.cfg.ip, ip_dst: dst, ident: self.next_ident() })
+        Some(Ipv4Route {
+            eth_dst: mac,
+            eth_src: self.cfg.mac,
+            ip_src: self.cfg.ip,
+            ip_dst: dst,
+            ident: self.next_ident(),
+        })
     }
 
     fn emit_tcp(&mut self, key: ConnKey, seg: &OutSeg) {
@@ -310,7 +344,9 @@ impl NetStack {
         if seg.retransmit {
             self.stats.retransmits += 1;
         }
-        let Some(r) = self.route(remote_ip) else { return };
+        let Some(r) = self.route(remote_ip) else {
+            return;
+        };
         let h = TcpHeader {
             src_port: local_port,
             dst_port: remote_port,
@@ -358,7 +394,9 @@ impl NetStack {
     }
 
     fn free_socket(&mut self, id: u32) {
-        let Some(t) = self.sockets.remove(&id) else { return };
+        let Some(t) = self.sockets.remove(&id) else {
+            return;
+        };
         let key = Self::key_of(&t);
         if self.conns.get(&key) == Some(&id) {
             self.conns.remove(&key);
@@ -372,7 +410,9 @@ impl NetStack {
     /// After any call into a [`Tcb`]: move newly established connections to the accept queue and
     /// free connections that are finished and that the guest no longer holds.
     fn settle(&mut self, id: u32) {
-        let Some(t) = self.sockets.get_mut(&id) else { return };
+        let Some(t) = self.sockets.get_mut(&id) else {
+            return;
+        };
         if t.just_established {
             t.just_established = false;
             let lid = t.listener;
@@ -390,7 +430,9 @@ impl NetStack {
                 }
             }
         }
-        let Some(t) = self.sockets.get(&id) else { return };
+        let Some(t) = self.sockets.get(&id) else {
+            return;
+        };
         if t.state == TcpState::Closed {
             let key = Self::key_of(t);
             if self.conns.get(&key) == Some(&id) {
@@ -434,16 +476,23 @@ impl NetStack {
     /// half-open plus not-yet-accepted connections.
     pub fn listen(&mut self, port: u16, backlog: u32) -> Result<ListenerId, NetError> {
         if port == 0 {
-            return Err(NetError::InvalidArgument { what: "port 0 cannot be listened on" });
+            return Err(NetError::InvalidArgument {
+                what: "port 0 cannot be listened on",
+            });
         }
         if self.ports.contains_key(&port) {
             return Err(NetError::AddrInUse { port });
         }
         if self.listeners.len() >= MAX_LISTENERS {
-            return Err(NetError::TooManyListeners { limit: MAX_LISTENERS });
+            return Err(NetError::TooManyListeners {
+                limit: MAX_LISTENERS,
+            });
         }
-        let id = self.next_listener_id;
-        self.next_listener_id = self.next_listener_id.checked_add(1).expect("listener ids exhausted");
+        let mut id = self.next_listener_id;
+        while self.listeners.contains_key(&id) {
+            id = id.checked_add(1).unwrap_or(1);
+        }
+        self.next_listener_id = id.checked_add(1).unwrap_or(1);
         let l = Listener {
             port,
             backlog: backlog.clamp(1, MAX_BACKLOG),
@@ -457,9 +506,15 @@ impl NetStack {
 
     /// Takes the oldest established connection off the listener's accept queue.
     pub fn accept(&mut self, l: ListenerId) -> Result<SocketId, NetError> {
-        let lst = self.listeners.get_mut(&l.0).ok_or(NetError::InvalidListener(l.0))?;
+        let lst = self
+            .listeners
+            .get_mut(&l.0)
+            .ok_or(NetError::InvalidListener(l.0))?;
         let id = lst.accept_queue.pop_front().ok_or(NetError::WouldBlock)?;
-        let t = self.sockets.get_mut(&id).expect("netstack: accept queue names a freed socket");
+        let t = self
+            .sockets
+            .get_mut(&id)
+            .expect("netstack: accept queue names a freed socket");
         t.accepted = true;
         Ok(SocketId(id))
     }
@@ -479,7 +534,13 @@ impl NetStack {
     }
 
     /// Shuts down reading (discard incoming data) and/or writing (send FIN after queued data).
-    pub fn shutdown(&mut self, s: SocketId, read: bool, write: bool, now_ns: u64) -> Result<(), NetError> {
+    pub fn shutdown(
+        &mut self,
+        s: SocketId,
+        read: bool,
+        write: bool,
+        now_ns: u64,
+    ) -> Result<(), NetError> {
         self.with_user_tcb(s, now_ns, |t, now, out| {
             if read {
                 t.shutdown_read();
@@ -502,9 +563,16 @@ impl NetStack {
 
     /// Stops listening; connections still in its queues are reset and freed.
     pub fn close_listener(&mut self, l: ListenerId) {
-        let Some(lst) = self.listeners.remove(&l.0) else { return };
+        let Some(lst) = self.listeners.remove(&l.0) else {
+            return;
+        };
         self.ports.remove(&lst.port);
-        let ids: Vec<u32> = lst.syn_queue.iter().copied().chain(lst.accept_queue.iter().copied()).collect();
+        let ids: Vec<u32> = lst
+            .syn_queue
+            .iter()
+            .copied()
+            .chain(lst.accept_queue.iter().copied())
+            .collect();
         for id in ids {
             if let Some(t) = self.sockets.get_mut(&id) {
                 let mut out = Out::default();
@@ -525,7 +593,9 @@ impl NetStack {
     /// True if `accept` would return a connection (also true for an unknown listener, so a poll
     /// returns and `accept` reports the error).
     pub fn listener_ready(&self, l: ListenerId) -> bool {
-        self.listeners.get(&l.0).is_none_or(|lst| !lst.accept_queue.is_empty())
+        self.listeners
+            .get(&l.0)
+            .is_none_or(|lst| !lst.accept_queue.is_empty())
     }
 
     /// The peer's address and port.
@@ -591,8 +661,13 @@ impl NetStack {
         // RFC 826: update an existing entry from any ARP; create one only when we are the target.
         self.learn(arp.spa, arp.sha, for_us);
         if arp.oper == wire::ARP_REQUEST && for_us && !wire::mac_is_group(arp.sha) {
-            let reply =
-                ArpPacket { oper: wire::ARP_REPLY, sha: self.cfg.mac, spa: self.cfg.ip, tha: arp.sha, tpa: arp.spa };
+            let reply = ArpPacket {
+                oper: wire::ARP_REPLY,
+                sha: self.cfg.mac,
+                spa: self.cfg.ip,
+                tha: arp.sha,
+                tpa: arp.spa,
+            };
             let f = wire::build_arp_frame(arp.sha, self.cfg.mac, &reply);
             self.stats.arp_replies += 1;
             self.push_frame(f);
@@ -634,6 +709,13 @@ impl NetStack {
             }
             Err(e) => return self.count_wire_error(e),
         };
+        if wire::IPV4_HDR_LEN + wire::ICMP_ECHO_HDR_LEN + echo.data.len()
+            > usize::from(self.cfg.mtu)
+        {
+            // The reply would not fit our MTU (we never fragment).
+            self.stats.drop_oversized += 1;
+            return;
+        }
         self.learn(ip.src, eth_src, true);
         let Some(r) = self.route(ip.src) else { return };
         let f = wire::build_icmp_echo_frame(&r, 0, echo.ident, echo.seq, echo.data);
@@ -656,7 +738,10 @@ impl NetStack {
         let now = self.now_ns;
         let key: ConnKey = (ip.src, seg.src_port, seg.dst_port);
         if let Some(&id) = self.conns.get(&key) {
-            let t = self.sockets.get_mut(&id).expect("netstack: connection index names a freed socket");
+            let t = self
+                .sockets
+                .get_mut(&id)
+                .expect("netstack: connection index names a freed socket");
             // A new SYN above the old sequence space may reuse a TIME-WAIT 4-tuple (RFC 9293
             // 3.6.1); we are the server, so this is the common case of a quick reconnect.
             let reuse = t.state == TcpState::TimeWait
@@ -665,7 +750,13 @@ impl NetStack {
                 && seq_gt(seg.seq, t.rcv_nxt())
                 && self.ports.contains_key(&seg.dst_port);
             if reuse {
-                self.free_socket(id);
+                if t.orphan || !t.accepted {
+                    self.free_socket(id);
+                } else {
+                    // The guest still holds the old socket: it stays (closed) until closed.
+                    t.retire();
+                    self.conns.remove(&key);
+                }
             } else {
                 let mut out = Out::default();
                 t.on_segment(&seg, now, &mut out);
@@ -702,7 +793,11 @@ impl NetStack {
         let id = self.alloc_socket_id();
         self.sockets.insert(id, tcb);
         self.conns.insert(key, id);
-        self.listeners.get_mut(&lid).expect("listener vanished").syn_queue.push(id);
+        self.listeners
+            .get_mut(&lid)
+            .expect("listener vanished")
+            .syn_queue
+            .push(id);
         self.flush(key, out);
     }
 
@@ -711,9 +806,22 @@ impl NetStack {
         let (seq, ack, flags) = if seg.has(tcp_flags::ACK) {
             (seg.ack, 0, tcp_flags::RST)
         } else {
-            (0, seg.seq.wrapping_add(seg.seq_len()), tcp_flags::RST | tcp_flags::ACK)
+            (
+                0,
+                seg.seq.wrapping_add(seg.seq_len()),
+                tcp_flags::RST | tcp_flags::ACK,
+            )
         };
-        let out = OutSeg { seq, ack, flags, window: 0, mss: None, wscale: None, payload: Vec::new(), retransmit: false };
+        let out = OutSeg {
+            seq,
+            ack,
+            flags,
+            window: 0,
+            mss: None,
+            wscale: None,
+            payload: Vec::new(),
+            retransmit: false,
+        };
         self.emit_tcp(key, &out);
     }
 
@@ -727,14 +835,17 @@ impl NetStack {
             .map(|(&id, _)| id)
             .collect();
         for id in due {
-            let Some(t) = self.sockets.get_mut(&id) else { continue };
+            let Some(t) = self.sockets.get_mut(&id) else {
+                continue;
+            };
             let mut out = Out::default();
             t.on_timer(now, &mut out);
             let key = Self::key_of(t);
             self.flush(key, out);
             self.settle(id);
         }
-        self.arp_requested.retain(|_, t| now.saturating_sub(*t) < ARP_REQUEST_INTERVAL_NS);
+        self.arp_requested
+            .retain(|_, t| now.saturating_sub(*t) < ARP_REQUEST_INTERVAL_NS);
     }
 
     /// Takes the frames queued for transmission, oldest first.
@@ -775,7 +886,9 @@ impl NetStack {
         let now = self.advance(now_ns);
         let ids: Vec<u32> = self.sockets.keys().copied().collect();
         for id in ids {
-            let Some(t) = self.sockets.get_mut(&id) else { continue };
+            let Some(t) = self.sockets.get_mut(&id) else {
+                continue;
+            };
             let mut out = Out::default();
             t.retransmit_all(now, &mut out);
             let key = Self::key_of(t);
@@ -797,9 +910,13 @@ impl NetStack {
     /// to come from a replica; garbage is rejected with an error, but a well-formed state with
     /// broken invariants is not detected here.
     pub fn restore(bytes: &[u8]) -> Result<Self, NetError> {
-        let s: NetStack = postcard::from_bytes(bytes).map_err(|e| NetError::Decode(e.to_string()))?;
+        let s: NetStack =
+            postcard::from_bytes(bytes).map_err(|e| NetError::Decode(e.to_string()))?;
         if s.format_version != STATE_FORMAT_VERSION {
-            return Err(NetError::Version { found: s.format_version, expected: STATE_FORMAT_VERSION });
+            return Err(NetError::Version {
+                found: s.format_version,
+                expected: STATE_FORMAT_VERSION,
+            });
         }
         Ok(s)
     }
@@ -827,17 +944,38 @@ impl NetStack {
     /// Asserts the stack-level invariants (bounded tables, consistent indexes). Tests and
     /// simulations call it; a violation is a bug.
     pub fn check_invariants(&self) {
-        assert!(self.sockets.len() <= MAX_SOCKETS, "netstack: more sockets than MAX_SOCKETS");
-        assert!(self.listeners.len() <= MAX_LISTENERS, "netstack: more listeners than MAX_LISTENERS");
-        assert!(self.outbox.len() <= MAX_OUTBOX_FRAMES, "netstack: outbox over its limit");
-        assert!(self.neighbors.len() <= MAX_NEIGHBORS, "netstack: neighbor table over its limit");
-        assert!(self.arp_requested.len() <= MAX_NEIGHBORS, "netstack: ARP request table over its limit");
+        assert!(
+            self.sockets.len() <= MAX_SOCKETS,
+            "netstack: more sockets than MAX_SOCKETS"
+        );
+        assert!(
+            self.listeners.len() <= MAX_LISTENERS,
+            "netstack: more listeners than MAX_LISTENERS"
+        );
+        assert!(
+            self.outbox.len() <= MAX_OUTBOX_FRAMES,
+            "netstack: outbox over its limit"
+        );
+        assert!(
+            self.neighbors.len() <= MAX_NEIGHBORS,
+            "netstack: neighbor table over its limit"
+        );
+        assert!(
+            self.arp_requested.len() <= MAX_NEIGHBORS,
+            "netstack: ARP request table over its limit"
+        );
         for (k, id) in &self.conns {
-            let t = self.sockets.get(id).expect("netstack: conns names a freed socket");
+            let t = self
+                .sockets
+                .get(id)
+                .expect("netstack: conns names a freed socket");
             assert_eq!(Self::key_of(t), *k, "netstack: conns key mismatch");
         }
         for l in self.listeners.values() {
-            assert!(l.syn_queue.len() + l.accept_queue.len() <= l.backlog as usize, "netstack: backlog overrun");
+            assert!(
+                l.syn_queue.len() + l.accept_queue.len() <= l.backlog as usize,
+                "netstack: backlog overrun"
+            );
         }
         for t in self.sockets.values() {
             t.check_invariants();

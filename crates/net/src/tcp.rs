@@ -105,6 +105,7 @@ pub(crate) struct Out {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 struct OooSeg {
     seq: u32,
+    #[serde(with = "crate::bytes_serde::vec")]
     data: Vec<u8>,
 }
 
@@ -144,6 +145,7 @@ pub(crate) struct Tcb {
     snd_wl1: u32,
     snd_wl2: u32,
     /// Bytes from `snd_una` on: sent-unacknowledged, then unsent.
+    #[serde(with = "crate::bytes_serde::deque")]
     send_buf: VecDeque<u8>,
     /// The guest shut down writing: a FIN follows the last byte of `send_buf`.
     fin_queued: bool,
@@ -152,6 +154,7 @@ pub(crate) struct Tcb {
     rcv_nxt: u32,
     /// Right edge of the window we last advertised (never moves left).
     rcv_adv: u32,
+    #[serde(with = "crate::bytes_serde::deque")]
     recv_buf: VecDeque<u8>,
     ooo: Vec<OooSeg>,
     ooo_fin: Option<u32>,
@@ -177,6 +180,9 @@ pub(crate) struct Tcb {
     /// TIME-WAIT end, or FIN-WAIT-2 give-up time for a closed socket.
     linger_deadline: Option<u64>,
     ack_pending: bool,
+    /// Challenge ACK rate limit: start of the current one-second window and ACKs sent in it.
+    challenge_window_ns: u64,
+    challenge_count: u32,
 }
 
 fn copy_range(buf: &VecDeque<u8>, off: usize, len: usize) -> Vec<u8> {
@@ -210,7 +216,10 @@ impl Tcb {
             Some(ws) => (ws.min(14), WINDOW_SHIFT),
             None => (0, 0),
         };
-        let send_mss = syn.mss.unwrap_or(DEFAULT_PEER_MSS).clamp(MIN_PEER_MSS, our_mss);
+        let send_mss = syn
+            .mss
+            .unwrap_or(DEFAULT_PEER_MSS)
+            .clamp(MIN_PEER_MSS, our_mss);
         let rcv_nxt = syn.seq.wrapping_add(1);
         let mut t = Tcb {
             state: TcpState::SynReceived,
@@ -259,9 +268,11 @@ impl Tcb {
             backoff: 0,
             rtt_sample: Some((iss.wrapping_add(1), now)),
             retries: 0,
-            rtx_deadline: Some(now + RTO_INITIAL_NS),
+            rtx_deadline: Some(now.saturating_add(RTO_INITIAL_NS)),
             linger_deadline: None,
             ack_pending: false,
+            challenge_window_ns: now,
+            challenge_count: 0,
         };
         t.send_syn_ack(false, out);
         t
@@ -276,7 +287,9 @@ impl Tcb {
     }
 
     fn current_rto(&self) -> u64 {
-        self.rto_ns.saturating_mul(1u64 << self.backoff.min(30)).min(RTO_MAX_NS)
+        self.rto_ns
+            .saturating_mul(1u64 << self.backoff.min(30))
+            .min(RTO_MAX_NS)
     }
 
     fn mss32(&self) -> u32 {
@@ -298,7 +311,11 @@ impl Tcb {
         let free = self.recv_free().min(65535 << self.rcv_shift);
         let remaining = self.adv_remaining().min(free);
         let threshold = ((RECV_BUF_BYTES / 2) as u32).min(u32::from(self.our_mss));
-        let wnd = if free >= remaining.saturating_add(threshold) { free } else { remaining };
+        let wnd = if free >= remaining.saturating_add(threshold) {
+            free
+        } else {
+            remaining
+        };
         let field = (wnd >> self.rcv_shift).min(65535);
         let edge = self.rcv_nxt.wrapping_add(field << self.rcv_shift);
         if seq_gt(edge, self.rcv_adv) {
@@ -319,7 +336,11 @@ impl Tcb {
             flags: SYN | ACK,
             window: window as u16,
             mss: Some(self.our_mss),
-            wscale: if self.wscale_ok { Some(WINDOW_SHIFT) } else { None },
+            wscale: if self.wscale_ok {
+                Some(WINDOW_SHIFT)
+            } else {
+                None
+            },
             payload: Vec::new(),
             retransmit,
         });
@@ -359,7 +380,14 @@ impl Tcb {
 
     /// Emits the segment starting at `seq` with at most `max_len` data bytes (and the FIN if it
     /// follows them and `allow_fin`). Returns the sequence space it occupies (0: nothing to send).
-    fn emit_at(&mut self, seq: u32, max_len: usize, allow_fin: bool, retransmit: bool, out: &mut Out) -> u32 {
+    fn emit_at(
+        &mut self,
+        seq: u32,
+        max_len: usize,
+        allow_fin: bool,
+        retransmit: bool,
+        out: &mut Out,
+    ) -> u32 {
         let off = seq.wrapping_sub(self.snd_una) as usize;
         let buf_len = self.send_buf.len();
         if off > buf_len {
@@ -392,7 +420,7 @@ impl Tcb {
         let persist = self.snd_wnd == 0 && self.unsent_bytes() > 0;
         if outstanding || persist {
             if self.rtx_deadline.is_none() {
-                self.rtx_deadline = Some(now + self.current_rto());
+                self.rtx_deadline = Some(now.saturating_add(self.current_rto()));
             }
         } else {
             self.rtx_deadline = None;
@@ -400,6 +428,8 @@ impl Tcb {
     }
 
     fn rtt_update(&mut self, r: u64) {
+        // A sample beyond the RTO ceiling carries no information and could overflow the sums.
+        let r = r.min(RTO_MAX_NS);
         if self.has_rtt {
             let diff = self.srtt_ns.abs_diff(r);
             self.rttvar_ns = (3 * self.rttvar_ns + diff) / 4;
@@ -418,7 +448,7 @@ impl Tcb {
         self.snd_una = self.snd_max;
         self.snd_nxt = self.snd_max;
         self.rtx_deadline = None;
-        self.linger_deadline = Some(now + TIME_WAIT_NS);
+        self.linger_deadline = Some(now.saturating_add(TIME_WAIT_NS));
         self.send_buf = VecDeque::new();
         self.ooo.clear();
     }
@@ -451,6 +481,27 @@ impl Tcb {
         self.recv_buf = VecDeque::new();
     }
 
+    /// Sends a challenge ACK (RFC 5961 3.2, 4.2) unless this second's budget is spent.
+    fn challenge_ack(&mut self, now: u64, out: &mut Out) {
+        if now.saturating_sub(self.challenge_window_ns) >= 1_000_000_000 {
+            self.challenge_window_ns = now;
+            self.challenge_count = 0;
+        }
+        if self.challenge_count >= MAX_CHALLENGE_ACKS_PER_SEC {
+            return;
+        }
+        self.challenge_count += 1;
+        out.challenge_acks += 1;
+        self.ack_pending = true;
+        self.output(now, out);
+    }
+
+    /// Closes without sending anything: the 4-tuple is being reused by a new connection while
+    /// this one sat in TIME-WAIT.
+    pub fn retire(&mut self) {
+        self.close_down();
+    }
+
     // -----------------------------------------------------------------------------------------
     // Incoming segments
     // -----------------------------------------------------------------------------------------
@@ -462,7 +513,9 @@ impl Tcb {
         match (len, wnd) {
             // Like Linux, and unlike the letter of RFC 9293, a bare ACK exactly at the right edge
             // is taken: a peer that filled our window sends its ACKs with that sequence number.
-            (0, _) => seq_le(self.rcv_nxt, seg.seq) && seq_le(seg.seq, self.rcv_nxt.wrapping_add(wnd)),
+            (0, _) => {
+                seq_le(self.rcv_nxt, seg.seq) && seq_le(seg.seq, self.rcv_nxt.wrapping_add(wnd))
+            }
             // A bare FIN at RCV.NXT is taken even with a full buffer: it needs no buffer space.
             (_, 0) => seg.payload.is_empty() && seg.has(FIN) && seg.seq == self.rcv_nxt,
             (_, _) => in_wnd(seg.seq) || in_wnd(seg.seq.wrapping_add(len - 1)),
@@ -478,20 +531,18 @@ impl Tcb {
                 // is acknowledged again.
                 if !seg.has(RST) && (seg.seq_len() > 0) {
                     if seg.has(FIN) {
-                        self.linger_deadline = Some(now + TIME_WAIT_NS);
+                        self.linger_deadline = Some(now.saturating_add(TIME_WAIT_NS));
                     }
                     self.send_pure_ack(out);
                 }
                 return;
             }
-            TcpState::SynReceived => {
-                if seg.has(SYN) && !seg.has(ACK) && !seg.has(RST) {
-                    // The peer did not get our SYN-ACK and retransmitted its SYN.
-                    if seg.seq == self.irs {
-                        self.send_syn_ack(true, out);
-                    }
-                    return;
+            TcpState::SynReceived if seg.has(SYN) && !seg.has(ACK) && !seg.has(RST) => {
+                // The peer did not get our SYN-ACK and retransmitted its SYN.
+                if seg.seq == self.irs {
+                    self.send_syn_ack(true, out);
                 }
+                return;
             }
             _ => {}
         }
@@ -521,17 +572,13 @@ impl Tcb {
             if seg.seq == self.rcv_nxt {
                 self.reset_by_peer(out);
             } else {
-                out.challenge_acks += 1;
-                self.ack_pending = true;
-                self.output(now, out);
+                self.challenge_ack(now, out);
             }
             return;
         }
         if seg.has(SYN) {
             // RFC 5961 4.2: a SYN on a synchronized connection gets a challenge ACK.
-            out.challenge_acks += 1;
-            self.ack_pending = true;
-            self.output(now, out);
+            self.challenge_ack(now, out);
             return;
         }
         if !seg.has(ACK) {
@@ -596,10 +643,15 @@ impl Tcb {
         }
         if seg.has(FIN) {
             let fin_seq = seg.seq.wrapping_add(seg.payload.len() as u32);
-            if matches!(self.state, TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2) {
+            if matches!(
+                self.state,
+                TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
+            ) {
                 if fin_seq == self.rcv_nxt {
                     self.process_fin(now);
-                } else if seq_gt(fin_seq, self.rcv_nxt) && fin_seq.wrapping_sub(self.rcv_nxt) <= self.recv_free() {
+                } else if seq_gt(fin_seq, self.rcv_nxt)
+                    && fin_seq.wrapping_sub(self.rcv_nxt) <= self.recv_free()
+                {
                     self.ooo_fin = Some(fin_seq);
                 }
             }
@@ -660,7 +712,10 @@ impl Tcb {
                 && seg_wnd >= old_wnd
             {
                 self.dup_acks += 1;
-                if self.dup_acks == 3 && !self.in_recovery && self.recover.is_none_or(|r| seq_gt(ack, r)) {
+                if self.dup_acks == 3
+                    && !self.in_recovery
+                    && self.recover.is_none_or(|r| seq_gt(ack, r))
+                {
                     // Fast retransmit, then fast recovery (RFC 6582 3.2 step 2).
                     out.fast_retransmits += 1;
                     let flight = self.snd_max.wrapping_sub(self.snd_una);
@@ -669,7 +724,7 @@ impl Tcb {
                     self.in_recovery = true;
                     self.retransmit_first(out);
                     self.cwnd = self.ssthresh + 3 * self.mss32();
-                    self.rtx_deadline = Some(now + self.current_rto());
+                    self.rtx_deadline = Some(now.saturating_add(self.current_rto()));
                 } else if self.dup_acks > 3 && self.in_recovery {
                     self.cwnd = (self.cwnd + self.mss32()).min(MAX_CWND_BYTES);
                 }
@@ -681,7 +736,7 @@ impl Tcb {
                 TcpState::FinWait1 => {
                     self.state = TcpState::FinWait2;
                     if self.orphan {
-                        self.linger_deadline = Some(now + FIN_WAIT_2_TIMEOUT_NS);
+                        self.linger_deadline = Some(now.saturating_add(FIN_WAIT_2_TIMEOUT_NS));
                     }
                 }
                 TcpState::Closing => self.enter_time_wait(now),
@@ -747,7 +802,11 @@ impl Tcb {
             }
         }
         self.cwnd = self.cwnd.min(MAX_CWND_BYTES);
-        self.rtx_deadline = if self.snd_max != self.snd_una { Some(now + self.current_rto()) } else { None };
+        self.rtx_deadline = if self.snd_max != self.snd_una {
+            Some(now.saturating_add(self.current_rto()))
+        } else {
+            None
+        };
     }
 
     /// Retransmits the first unacknowledged segment (fast retransmit, partial ACK).
@@ -838,8 +897,18 @@ impl Tcb {
         }
         // Kept sorted and coalesced, so the count is the number of disjoint ranges; the limit
         // only bites on a peer that sends many scattered fragments.
-        let pos = self.ooo.iter().position(|s| seq_gt(s.seq, seq)).unwrap_or(self.ooo.len());
-        self.ooo.insert(pos, OooSeg { seq, data: data.to_vec() });
+        let pos = self
+            .ooo
+            .iter()
+            .position(|s| seq_gt(s.seq, seq))
+            .unwrap_or(self.ooo.len());
+        self.ooo.insert(
+            pos,
+            OooSeg {
+                seq,
+                data: data.to_vec(),
+            },
+        );
         let mut i = pos.saturating_sub(1);
         while i + 1 < self.ooo.len() {
             let cur_end = self.ooo[i].seq.wrapping_add(self.ooo[i].data.len() as u32);
@@ -914,7 +983,11 @@ impl Tcb {
             let avail = buf_len - off;
             // Limited transmit (RFC 3042): the first two duplicate ACKs each let one new segment
             // out beyond cwnd, so a small window still produces the third duplicate.
-            let limited = if self.in_recovery { 0 } else { self.dup_acks.min(2) * self.mss32() };
+            let limited = if self.in_recovery {
+                0
+            } else {
+                self.dup_acks.min(2) * self.mss32()
+            };
             let wnd = self.snd_wnd.min(self.cwnd + limited);
             let usable = wnd.saturating_sub(flight) as usize;
             let len = avail.min(usize::from(self.send_mss)).min(usable);
@@ -931,7 +1004,10 @@ impl Tcb {
             let seq = self.snd_nxt;
             let retransmit = seq_lt(seq, self.snd_max);
             let consumed = self.emit_at(seq, len, true, retransmit, out);
-            assert!(consumed > 0, "tcp output: a segment was chosen but emitted nothing");
+            assert!(
+                consumed > 0,
+                "tcp output: a segment was chosen but emitted nothing"
+            );
             if !retransmit && len > 0 && self.rtt_sample.is_none() {
                 self.rtt_sample = Some((seq.wrapping_add(consumed), now));
             }
@@ -986,7 +1062,7 @@ impl Tcb {
             self.backoff += 1;
             self.rtt_sample = None;
             self.send_syn_ack(true, out);
-            self.rtx_deadline = Some(now + self.current_rto());
+            self.rtx_deadline = Some(now.saturating_add(self.current_rto()));
             return;
         }
         if self.retries >= MAX_RETRIES {
@@ -1022,7 +1098,7 @@ impl Tcb {
             self.snd_nxt = self.snd_una;
             self.output(now, out);
         }
-        self.rtx_deadline = Some(now + self.current_rto());
+        self.rtx_deadline = Some(now.saturating_add(self.current_rto()));
     }
 
     /// Re-sends everything unacknowledged at once, plus an ACK (failover go-live: the outputs the
@@ -1080,7 +1156,13 @@ impl Tcb {
     }
 
     /// Reads (or peeks at) received data. `Ok(0)` is end of stream.
-    pub fn recv(&mut self, buf: &mut [u8], peek: bool, now: u64, out: &mut Out) -> Result<usize, NetError> {
+    pub fn recv(
+        &mut self,
+        buf: &mut [u8],
+        peek: bool,
+        now: u64,
+        out: &mut Out,
+    ) -> Result<usize, NetError> {
         if !self.recv_buf.is_empty() {
             let n = buf.len().min(self.recv_buf.len());
             let (a, b) = self.recv_buf.as_slices();
@@ -1105,7 +1187,10 @@ impl Tcb {
     /// After the guest read data: tell the peer about the larger window if what it knows is less
     /// than half of what we could offer now (this also ends a zero-window stall promptly).
     fn maybe_window_update(&mut self, now: u64, out: &mut Out) {
-        if !matches!(self.state, TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2) {
+        if !matches!(
+            self.state,
+            TcpState::Established | TcpState::FinWait1 | TcpState::FinWait2
+        ) {
             return;
         }
         // Without window scaling we can never offer more than 65535 bytes.
@@ -1150,7 +1235,9 @@ impl Tcb {
                 // Cannot fail: no error is set in these states.
                 let _ = self.shutdown_write(now, out);
             }
-            TcpState::FinWait2 => self.linger_deadline = Some(now + FIN_WAIT_2_TIMEOUT_NS),
+            TcpState::FinWait2 => {
+                self.linger_deadline = Some(now.saturating_add(FIN_WAIT_2_TIMEOUT_NS))
+            }
             _ => {}
         }
     }
@@ -1173,8 +1260,9 @@ impl Tcb {
 
     /// Poll readiness.
     pub fn readiness(&self) -> crate::Readiness {
-        let open_for_write =
-            matches!(self.state, TcpState::Established | TcpState::CloseWait) && !self.fin_queued && self.error.is_none();
+        let open_for_write = matches!(self.state, TcpState::Established | TcpState::CloseWait)
+            && !self.fin_queued
+            && self.error.is_none();
         crate::Readiness {
             readable: !self.recv_buf.is_empty()
                 || self.fin_received
@@ -1183,20 +1271,40 @@ impl Tcb {
                 || self.state == TcpState::Closed,
             // Writable also when writing would fail at once, so the guest learns the error.
             writable: !open_for_write || self.send_buf.len() < SEND_BUF_BYTES,
-            hangup: self.error.is_some() || self.state == TcpState::Closed || (self.fin_received && self.fin_queued),
+            hangup: self.error.is_some()
+                || self.state == TcpState::Closed
+                || (self.fin_received && self.fin_queued),
             error: self.error.is_some(),
         }
     }
 
     /// Internal consistency; a violation is a bug in this module, never a property of input.
     pub fn check_invariants(&self) {
-        assert!(seq_le(self.snd_una, self.snd_nxt), "tcp: snd_una beyond snd_nxt");
-        assert!(seq_le(self.snd_nxt, self.snd_max), "tcp: snd_nxt beyond snd_max");
+        assert!(
+            seq_le(self.snd_una, self.snd_nxt),
+            "tcp: snd_una beyond snd_nxt"
+        );
+        assert!(
+            seq_le(self.snd_nxt, self.snd_max),
+            "tcp: snd_nxt beyond snd_max"
+        );
         let outstanding = self.snd_max.wrapping_sub(self.snd_una) as usize;
-        assert!(outstanding <= self.send_buf.len() + 1, "tcp: more in flight than buffered");
-        assert!(self.send_buf.len() <= SEND_BUF_BYTES, "tcp: send buffer over its limit");
-        assert!(self.recv_buf.len() <= RECV_BUF_BYTES, "tcp: receive buffer over its limit");
-        assert!(self.ooo.len() <= MAX_OOO_SEGMENTS, "tcp: too many out-of-order segments");
+        assert!(
+            outstanding <= self.send_buf.len() + 1,
+            "tcp: more in flight than buffered"
+        );
+        assert!(
+            self.send_buf.len() <= SEND_BUF_BYTES,
+            "tcp: send buffer over its limit"
+        );
+        assert!(
+            self.recv_buf.len() <= RECV_BUF_BYTES,
+            "tcp: receive buffer over its limit"
+        );
+        assert!(
+            self.ooo.len() <= MAX_OOO_SEGMENTS,
+            "tcp: too many out-of-order segments"
+        );
     }
 
     /// One-line summary for test failure messages.

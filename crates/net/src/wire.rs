@@ -200,7 +200,13 @@ pub fn parse_arp(b: &[u8]) -> Result<ArpPacket, WireError> {
     if oper != ARP_REQUEST && oper != ARP_REPLY {
         return Err(WireError::Malformed);
     }
-    Ok(ArpPacket { oper, sha: mac_at(b, 8), spa: ip_at(b, 14), tha: mac_at(b, 18), tpa: ip_at(b, 24) })
+    Ok(ArpPacket {
+        oper,
+        sha: mac_at(b, 8),
+        spa: ip_at(b, 14),
+        tha: mac_at(b, 18),
+        tpa: ip_at(b, 24),
+    })
 }
 
 /// Builds a complete Ethernet frame carrying `arp`.
@@ -277,7 +283,14 @@ pub fn parse_ipv4(b: &[u8]) -> Result<Ipv4Packet<'_>, WireError> {
     })
 }
 
-fn push_ipv4(out: &mut Vec<u8>, src: [u8; 4], dst: [u8; 4], proto: u8, ident: u16, payload_len: usize) {
+fn push_ipv4(
+    out: &mut Vec<u8>,
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    ident: u16,
+    payload_len: usize,
+) {
     let start = out.len();
     let total = (IPV4_HDR_LEN + payload_len) as u16;
     out.push(0x45);
@@ -321,7 +334,11 @@ pub fn parse_icmp_echo_request(b: &[u8]) -> Result<Option<IcmpEcho<'_>>, WireErr
     if b[0] != 8 || b[1] != 0 {
         return Ok(None);
     }
-    Ok(Some(IcmpEcho { ident: be16(b, 4), seq: be16(b, 6), data: &b[ICMP_ECHO_HDR_LEN..] }))
+    Ok(Some(IcmpEcho {
+        ident: be16(b, 4),
+        seq: be16(b, 6),
+        data: &b[ICMP_ECHO_HDR_LEN..],
+    }))
 }
 
 /// Addresses of one emitted IPv4 packet.
@@ -340,11 +357,24 @@ pub struct Ipv4Route {
 }
 
 /// Builds an ICMP echo message (type 0 = reply, 8 = request) in a complete Ethernet frame.
-pub fn build_icmp_echo_frame(r: &Ipv4Route, icmp_type: u8, ident: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+pub fn build_icmp_echo_frame(
+    r: &Ipv4Route,
+    icmp_type: u8,
+    ident: u16,
+    seq: u16,
+    data: &[u8],
+) -> Vec<u8> {
     let icmp_len = ICMP_ECHO_HDR_LEN + data.len();
     let mut out = Vec::with_capacity(ETH_HDR_LEN + IPV4_HDR_LEN + icmp_len);
     push_eth(&mut out, r.eth_dst, r.eth_src, ETHERTYPE_IPV4);
-    push_ipv4(&mut out, r.ip_src, r.ip_dst, IPPROTO_ICMP, r.ident, icmp_len);
+    push_ipv4(
+        &mut out,
+        r.ip_src,
+        r.ip_dst,
+        IPPROTO_ICMP,
+        r.ident,
+        icmp_len,
+    );
     let start = out.len();
     out.push(icmp_type);
     out.push(0);
@@ -392,7 +422,9 @@ impl TcpSegment<'_> {
 
     /// Sequence space the segment occupies: payload plus one for SYN and one for FIN.
     pub fn seq_len(&self) -> u32 {
-        self.payload.len() as u32 + u32::from(self.has(tcp_flags::SYN)) + u32::from(self.has(tcp_flags::FIN))
+        self.payload.len() as u32
+            + u32::from(self.has(tcp_flags::SYN))
+            + u32::from(self.has(tcp_flags::FIN))
     }
 }
 
@@ -486,7 +518,11 @@ pub fn build_tcp_frame(r: &Ipv4Route, h: &TcpHeader, payload: &[u8]) -> Vec<u8> 
     out.extend_from_slice(&h.src_port.to_be_bytes());
     out.extend_from_slice(&h.dst_port.to_be_bytes());
     out.extend_from_slice(&h.seq.to_be_bytes());
-    let ack = if h.flags & tcp_flags::ACK != 0 { h.ack } else { 0 };
+    let ack = if h.flags & tcp_flags::ACK != 0 {
+        h.ack
+    } else {
+        0
+    };
     out.extend_from_slice(&ack.to_be_bytes());
     out.push((((TCP_HDR_LEN + opt_len) / 4) as u8) << 4);
     out.push(h.flags);
@@ -500,7 +536,10 @@ pub fn build_tcp_frame(r: &Ipv4Route, h: &TcpHeader, payload: &[u8]) -> Vec<u8> 
         out.extend_from_slice(&[1, 3, 3, ws]);
     }
     out.extend_from_slice(payload);
-    let sum = checksum_add(pseudo_header_sum(r.ip_src, r.ip_dst, IPPROTO_TCP, tcp_len), &out[start..]);
+    let sum = checksum_add(
+        pseudo_header_sum(r.ip_src, r.ip_dst, IPPROTO_TCP, tcp_len),
+        &out[start..],
+    );
     let csum = checksum_fold(sum);
     out[start + 16..start + 18].copy_from_slice(&csum.to_be_bytes());
     out
@@ -514,7 +553,13 @@ mod tests {
     const B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
     fn route() -> Ipv4Route {
-        Ipv4Route { eth_dst: B, eth_src: A, ip_src: [10, 0, 0, 1], ip_dst: [10, 0, 0, 2], ident: 7 }
+        Ipv4Route {
+            eth_dst: B,
+            eth_src: A,
+            ip_src: [10, 0, 0, 1],
+            ip_dst: [10, 0, 0, 2],
+            ident: 7,
+        }
     }
 
     #[test]
@@ -542,10 +587,19 @@ mod tests {
         let eth = parse_eth(&f).unwrap();
         assert_eq!((eth.dst, eth.src, eth.ethertype), (B, A, ETHERTYPE_IPV4));
         let ip = parse_ipv4(eth.payload).unwrap();
-        assert_eq!((ip.src, ip.dst, ip.proto, ip.ttl, ip.ident), ([10, 0, 0, 1], [10, 0, 0, 2], 6, 64, 7));
+        assert_eq!(
+            (ip.src, ip.dst, ip.proto, ip.ttl, ip.ident),
+            ([10, 0, 0, 1], [10, 0, 0, 2], 6, 64, 7)
+        );
         let t = parse_tcp(ip.src, ip.dst, ip.payload).unwrap();
-        assert_eq!((t.src_port, t.dst_port, t.seq, t.ack, t.window), (80, 40000, 0xdead_beef, 0x0102_0304, 1234));
-        assert_eq!((t.mss, t.wscale, t.payload), (Some(1460), Some(7), &b"hello"[..]));
+        assert_eq!(
+            (t.src_port, t.dst_port, t.seq, t.ack, t.window),
+            (80, 40000, 0xdead_beef, 0x0102_0304, 1234)
+        );
+        assert_eq!(
+            (t.mss, t.wscale, t.payload),
+            (Some(1460), Some(7), &b"hello"[..])
+        );
         assert!(t.has(tcp_flags::SYN) && t.has(tcp_flags::ACK) && !t.has(tcp_flags::FIN));
         assert_eq!(t.seq_len(), 6);
     }
@@ -566,12 +620,18 @@ mod tests {
         let n = f.len();
         f[n - 1] ^= 0x40;
         let ip = parse_ipv4(&f[ETH_HDR_LEN..]).unwrap();
-        assert_eq!(parse_tcp(ip.src, ip.dst, ip.payload), Err(WireError::BadChecksum));
+        assert_eq!(
+            parse_tcp(ip.src, ip.dst, ip.payload),
+            Err(WireError::BadChecksum)
+        );
         // Wrong pseudo header (different destination) also fails.
         f[n - 1] ^= 0x40;
         let ip = parse_ipv4(&f[ETH_HDR_LEN..]).unwrap();
         assert!(parse_tcp(ip.src, [10, 0, 0, 9], ip.payload).is_err());
-        assert_eq!(parse_tcp(ip.src, ip.dst, &ip.payload[..10]), Err(WireError::Truncated));
+        assert_eq!(
+            parse_tcp(ip.src, ip.dst, &ip.payload[..10]),
+            Err(WireError::Truncated)
+        );
         // Data offset below 5 words.
         let mut bad = ip.payload.to_vec();
         bad[12] = 0x40;
@@ -597,7 +657,10 @@ mod tests {
         seg[21] = 0;
         seg[16] = 0;
         seg[17] = 0;
-        let sum = checksum_add(pseudo_header_sum([10, 0, 0, 1], [10, 0, 0, 2], IPPROTO_TCP, seg.len()), &seg);
+        let sum = checksum_add(
+            pseudo_header_sum([10, 0, 0, 1], [10, 0, 0, 2], IPPROTO_TCP, seg.len()),
+            &seg,
+        );
         let c = checksum_fold(sum);
         seg[16..18].copy_from_slice(&c.to_be_bytes());
         let t = parse_tcp([10, 0, 0, 1], [10, 0, 0, 2], &seg).unwrap();
@@ -606,7 +669,16 @@ mod tests {
 
     #[test]
     fn ipv4_rejects_fragments_bad_checksum_and_truncation() {
-        let h = TcpHeader { src_port: 1, dst_port: 2, seq: 3, ack: 0, flags: 0, window: 0, mss: None, wscale: None };
+        let h = TcpHeader {
+            src_port: 1,
+            dst_port: 2,
+            seq: 3,
+            ack: 0,
+            flags: 0,
+            window: 0,
+            mss: None,
+            wscale: None,
+        };
         let f = build_tcp_frame(&route(), &h, b"");
         let ip = &f[ETH_HDR_LEN..];
         assert!(parse_ipv4(ip).is_ok());
@@ -633,7 +705,13 @@ mod tests {
 
     #[test]
     fn arp_and_icmp_round_trip() {
-        let arp = ArpPacket { oper: ARP_REQUEST, sha: A, spa: [1, 2, 3, 4], tha: [0; 6], tpa: [5, 6, 7, 8] };
+        let arp = ArpPacket {
+            oper: ARP_REQUEST,
+            sha: A,
+            spa: [1, 2, 3, 4],
+            tha: [0; 6],
+            tpa: [5, 6, 7, 8],
+        };
         let f = build_arp_frame(MAC_BROADCAST, A, &arp);
         let eth = parse_eth(&f).unwrap();
         assert_eq!(eth.ethertype, ETHERTYPE_ARP);
@@ -652,6 +730,9 @@ mod tests {
         assert_eq!(parse_icmp_echo_request(ip.payload), Ok(None));
         let mut corrupt = ip.payload.to_vec();
         corrupt[8] ^= 1;
-        assert_eq!(parse_icmp_echo_request(&corrupt), Err(WireError::BadChecksum));
+        assert_eq!(
+            parse_icmp_echo_request(&corrupt),
+            Err(WireError::BadChecksum)
+        );
     }
 }

@@ -68,7 +68,13 @@ impl Gen {
 
     fn tcp(&mut self, ip: [u8; 4], h: TcpHeader, payload: &[u8]) -> Vec<u8> {
         let mac = [0x02, 0, 0, 0, 1, ip[3]];
-        let r = Ipv4Route { eth_dst: SERVER_MAC, eth_src: mac, ip_src: ip, ip_dst: SERVER_IP, ident: 1 };
+        let r = Ipv4Route {
+            eth_dst: SERVER_MAC,
+            eth_src: mac,
+            ip_src: ip,
+            ip_dst: SERVER_IP,
+            ident: 1,
+        };
         wire::build_tcp_frame(&r, &h, payload)
     }
 
@@ -86,12 +92,31 @@ impl Gen {
                     8 => ACK | PSH,
                     _ => self.below(64) as u8,
                 };
-                let plen = if self.below(3) == 0 { self.below(1460) as usize } else { 0 };
+                let plen = if self.below(3) == 0 {
+                    self.below(1460) as usize
+                } else {
+                    0
+                };
                 let payload = self.bytes(plen);
                 let seq = s.ack.wrapping_add(self.below(3) as u32).wrapping_sub(1);
-                let ack = s.seq.wrapping_add(s.payload.len() as u32 + u32::from(s.has(SYN) || s.has(FIN)));
-                let window = if self.below(4) == 0 { 0 } else { self.below(65536) as u16 };
-                let h = TcpHeader { src_port: s.dst_port, dst_port: s.src_port, seq, ack, flags, window, mss: None, wscale: None };
+                let ack = s
+                    .seq
+                    .wrapping_add(s.payload.len() as u32 + u32::from(s.has(SYN) || s.has(FIN)));
+                let window = if self.below(4) == 0 {
+                    0
+                } else {
+                    self.below(65536) as u16
+                };
+                let h = TcpHeader {
+                    src_port: s.dst_port,
+                    dst_port: s.src_port,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                    mss: None,
+                    wscale: None,
+                };
                 self.tcp(s.ip_dst, h, &payload)
             }
             0..=59 => {
@@ -102,7 +127,11 @@ impl Gen {
                     dst_port: self.pick(&SERVER_PORTS),
                     seq: self.rng.next_u32(),
                     ack: self.rng.next_u32(),
-                    flags: if self.below(2) == 0 { SYN } else { self.below(64) as u8 },
+                    flags: if self.below(2) == 0 {
+                        SYN
+                    } else {
+                        self.below(64) as u8
+                    },
                     window: self.below(65536) as u16,
                     mss: if self.below(2) == 0 { mss } else { None },
                     wscale: if self.below(2) == 0 { wscale } else { None },
@@ -118,14 +147,28 @@ impl Gen {
                     sha: [0x02, 0, 0, 0, 1, ip[3]],
                     spa: ip,
                     tha: [0; 6],
-                    tpa: if self.below(2) == 0 { SERVER_IP } else { self.pick(&PEER_IPS) },
+                    tpa: if self.below(2) == 0 {
+                        SERVER_IP
+                    } else {
+                        self.pick(&PEER_IPS)
+                    },
                 };
-                let dst = if self.below(2) == 0 { wire::MAC_BROADCAST } else { SERVER_MAC };
+                let dst = if self.below(2) == 0 {
+                    wire::MAC_BROADCAST
+                } else {
+                    SERVER_MAC
+                };
                 wire::build_arp_frame(dst, arp.sha, &arp)
             }
             70..=79 => {
                 let ip = self.pick(&PEER_IPS);
-                let r = Ipv4Route { eth_dst: SERVER_MAC, eth_src: [2, 0, 0, 0, 1, ip[3]], ip_src: ip, ip_dst: SERVER_IP, ident: 3 };
+                let r = Ipv4Route {
+                    eth_dst: SERVER_MAC,
+                    eth_src: [2, 0, 0, 0, 1, ip[3]],
+                    ip_src: ip,
+                    ip_dst: SERVER_IP,
+                    ident: 3,
+                };
                 let n = self.below(1400) as usize;
                 let data = self.bytes(n);
                 wire::build_icmp_echo_frame(&r, self.pick(&[8u8, 8, 0, 3]), 1, 2, &data)
@@ -171,8 +214,14 @@ impl Gen {
 
 fn fuzz_run(seed: u64, frames: usize) -> [u8; 32] {
     let mut s = NetStack::new(cfg(), seed);
-    let listeners: Vec<ListenerId> = SERVER_PORTS.iter().map(|&p| s.listen(p, 64).unwrap()).collect();
-    let mut g = Gen { rng: Rng::new(seed), recent: Vec::new() };
+    let listeners: Vec<ListenerId> = SERVER_PORTS
+        .iter()
+        .map(|&p| s.listen(p, 64).unwrap())
+        .collect();
+    let mut g = Gen {
+        rng: Rng::new(seed),
+        recent: Vec::new(),
+    };
     let mut held: Vec<SocketId> = Vec::new();
     let mut now = 0u64;
     let mut buf = vec![0u8; 4096];
@@ -242,7 +291,11 @@ fn fuzz_run(seed: u64, frames: usize) -> [u8; 32] {
         s.drain_frames().for_each(drop);
     }
     s.check_invariants();
-    assert_eq!(s.stats().sockets_open, 0, "closed sockets are all freed once their timers ran");
+    assert_eq!(
+        s.stats().sockets_open,
+        0,
+        "closed sockets are all freed once their timers ran"
+    );
     eprintln!("fuzz seed {seed}: {:?}", s.stats());
     out_hash.update(&s.state_hash());
     out_hash.finalize().into()

@@ -16,7 +16,13 @@ pub const MS: u64 = 1_000_000;
 pub const SEC: u64 = 1_000_000_000;
 
 pub fn cfg() -> NicConfig {
-    NicConfig { mac: SERVER_MAC, ip: SERVER_IP, prefix_len: 24, gateway: None, mtu: 1500 }
+    NicConfig {
+        mac: SERVER_MAC,
+        ip: SERVER_IP,
+        prefix_len: 24,
+        gateway: None,
+        mtu: 1500,
+    }
 }
 
 /// A TCP segment the stack emitted, parsed into owned fields.
@@ -53,7 +59,8 @@ pub fn parse_seg(frame: &[u8]) -> Option<Seg> {
     }
     assert_eq!(ip.src, SERVER_IP);
     assert_eq!(ip.ttl, 64);
-    let t = wire::parse_tcp(ip.src, ip.dst, ip.payload).expect("the stack emitted a TCP segment that does not parse");
+    let t = wire::parse_tcp(ip.src, ip.dst, ip.payload)
+        .expect("the stack emitted a TCP segment that does not parse");
     Some(Seg {
         eth_dst: eth.dst,
         ip_dst: ip.dst,
@@ -72,7 +79,10 @@ pub fn parse_seg(frame: &[u8]) -> Option<Seg> {
 /// Drains the stack's outbox and parses every frame as TCP (panics on non-TCP frames).
 pub fn drain_segs(s: &mut NetStack) -> Vec<Seg> {
     let frames: Vec<Vec<u8>> = s.drain_frames().collect();
-    frames.iter().map(|f| parse_seg(f).expect("expected only TCP frames")).collect()
+    frames
+        .iter()
+        .map(|f| parse_seg(f).expect("expected only TCP frames"))
+        .collect()
 }
 
 /// A hand-driven TCP client: builds segments, tracks its sequence numbers.
@@ -90,7 +100,15 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(port: u16, server_port: u16) -> Self {
-        Peer { mac: CLIENT_MAC, ip: CLIENT_IP, port, server_port, seq: 1_000_000, ack: 0, ident: 0 }
+        Peer {
+            mac: CLIENT_MAC,
+            ip: CLIENT_IP,
+            port,
+            server_port,
+            seq: 1_000_000,
+            ack: 0,
+            ident: 0,
+        }
     }
 
     pub fn frame(&mut self, flags: u8, seq: u32, ack: u32, window: u16, payload: &[u8]) -> Vec<u8> {
@@ -109,19 +127,39 @@ impl Peer {
         payload: &[u8],
     ) -> Vec<u8> {
         self.ident = self.ident.wrapping_add(1);
-        let r = Ipv4Route { eth_dst: SERVER_MAC, eth_src: self.mac, ip_src: self.ip, ip_dst: SERVER_IP, ident: self.ident };
-        let h = TcpHeader { src_port: self.port, dst_port: self.server_port, seq, ack, flags, window, mss, wscale };
+        let r = Ipv4Route {
+            eth_dst: SERVER_MAC,
+            eth_src: self.mac,
+            ip_src: self.ip,
+            ip_dst: SERVER_IP,
+            ident: self.ident,
+        };
+        let h = TcpHeader {
+            src_port: self.port,
+            dst_port: self.server_port,
+            seq,
+            ack,
+            flags,
+            window,
+            mss,
+            wscale,
+        };
         wire::build_tcp_frame(&r, &h, payload)
     }
 
     pub fn syn(&mut self, mss: Option<u16>, wscale: Option<u8>) -> Vec<u8> {
-        let f = self.frame_opts(tcp_flags::SYN, self.seq, 0, 65535, mss, wscale, b"");
-        f
+        self.frame_opts(tcp_flags::SYN, self.seq, 0, 65535, mss, wscale, b"")
     }
 
     /// A segment at our current sequence number carrying `payload` (advances `seq`).
     pub fn data(&mut self, payload: &[u8], window: u16) -> Vec<u8> {
-        let f = self.frame(tcp_flags::ACK | tcp_flags::PSH, self.seq, self.ack, window, payload);
+        let f = self.frame(
+            tcp_flags::ACK | tcp_flags::PSH,
+            self.seq,
+            self.ack,
+            window,
+            payload,
+        );
         self.seq = self.seq.wrapping_add(payload.len() as u32);
         f
     }
@@ -131,7 +169,13 @@ impl Peer {
     }
 
     pub fn fin(&mut self, window: u16) -> Vec<u8> {
-        let f = self.frame(tcp_flags::ACK | tcp_flags::FIN, self.seq, self.ack, window, b"");
+        let f = self.frame(
+            tcp_flags::ACK | tcp_flags::FIN,
+            self.seq,
+            self.ack,
+            window,
+            b"",
+        );
         self.seq = self.seq.wrapping_add(1);
         f
     }
@@ -158,7 +202,12 @@ pub fn connect(
     peer.ack = sa.seq.wrapping_add(1);
     let ack = peer.ack_with_window(65535);
     s.receive_frame(&ack, now);
-    assert!(drain_segs(s).is_empty(), "the final handshake ACK needs no answer");
-    let sock = s.accept(l).expect("an established connection is acceptable");
+    assert!(
+        drain_segs(s).is_empty(),
+        "the final handshake ACK needs no answer"
+    );
+    let sock = s
+        .accept(l)
+        .expect("an established connection is acceptable");
     (sock, sa)
 }

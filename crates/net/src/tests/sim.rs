@@ -97,7 +97,8 @@ impl Client {
         config.random_seed = seed;
         let mut iface = Interface::new(config, &mut dev, inst(0));
         iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(IpAddress::v4(198, 18, 0, 2), 24)).unwrap();
+            a.push(IpCidr::new(IpAddress::v4(198, 18, 0, 2), 24))
+                .unwrap();
         });
         let mut sockets = SocketSet::new(Vec::new());
         let mut conns = Vec::new();
@@ -108,10 +109,27 @@ impl Client {
             );
             let handle = sockets.add(sock);
             let s = sockets.get_mut::<tcp::Socket>(handle);
-            s.connect(iface.context(), (IpAddress::v4(198, 18, 0, 1), PORT), local_port).unwrap();
-            conns.push(ClientConn { handle, local_port, to_send, sent: 0, received: Vec::new(), closed: false });
+            s.connect(
+                iface.context(),
+                (IpAddress::v4(198, 18, 0, 1), PORT),
+                local_port,
+            )
+            .unwrap();
+            conns.push(ClientConn {
+                handle,
+                local_port,
+                to_send,
+                sent: 0,
+                received: Vec::new(),
+                closed: false,
+            });
         }
-        Client { dev, iface, sockets, conns }
+        Client {
+            dev,
+            iface,
+            sockets,
+            conns,
+        }
     }
 
     fn step(&mut self, now: u64, reading: bool) {
@@ -148,12 +166,15 @@ impl Client {
     fn all_done(&self, expected: &BTreeMap<u16, Vec<u8>>) -> bool {
         self.conns.iter().all(|c| {
             let st = self.sockets.get::<tcp::Socket>(c.handle).state();
-            matches!(st, tcp::State::TimeWait | tcp::State::Closed) && c.received.len() == expected[&c.local_port].len()
+            matches!(st, tcp::State::TimeWait | tcp::State::Closed)
+                && c.received.len() == expected[&c.local_port].len()
         })
     }
 
     fn poll_at(&mut self, now: u64) -> Option<u64> {
-        self.iface.poll_at(inst(now), &self.sockets).map(|i| i.total_micros() as u64 * US)
+        self.iface
+            .poll_at(inst(now), &self.sockets)
+            .map(|i| i.total_micros() as u64 * US)
     }
 }
 
@@ -179,7 +200,10 @@ struct ServerApp {
 impl ServerApp {
     fn new(stack: &mut NetStack) -> ServerApp {
         let listener = stack.listen(PORT, 16).unwrap();
-        ServerApp { listener, conns: BTreeMap::new() }
+        ServerApp {
+            listener,
+            conns: BTreeMap::new(),
+        }
     }
 
     fn step(&mut self, st: &mut NetStack, to_send: &BTreeMap<u16, Vec<u8>>, now: u64) {
@@ -188,7 +212,13 @@ impl ServerApp {
                 Ok(s) => {
                     let (ip, peer_port) = st.peer_addr(s).expect("accepted socket has a peer");
                     assert_eq!(ip, CLIENT_IP);
-                    let c = SrvConn { peer_port, sent: 0, received: Vec::new(), eof: false, closed: false };
+                    let c = SrvConn {
+                        peer_port,
+                        sent: 0,
+                        received: Vec::new(),
+                        eof: false,
+                        closed: false,
+                    };
                     self.conns.insert(s.0, c);
                 }
                 Err(NetError::WouldBlock) => break,
@@ -262,7 +292,8 @@ impl Link {
             if self.chance(self.reorder_ppm) {
                 t += (1 + self.rng.next_u64() % 3000) * US;
             }
-            self.queue.insert((t, self.order), (to_server, frame.clone()));
+            self.queue
+                .insert((t, self.order), (to_server, frame.clone()));
             self.order += 1;
         }
     }
@@ -319,7 +350,12 @@ impl SimCfg {
 
     /// 5% loss, 1% duplication, 2% reordering.
     fn lossy(self) -> SimCfg {
-        SimCfg { loss_ppm: 50_000, dup_ppm: 10_000, reorder_ppm: 20_000, ..self }
+        SimCfg {
+            loss_ppm: 50_000,
+            dup_ppm: 10_000,
+            reorder_ppm: 20_000,
+            ..self
+        }
     }
 }
 
@@ -337,10 +373,24 @@ fn pattern(seed: u64, n: usize) -> Vec<u8> {
 
 fn run(cfg: SimCfg) -> Outcome {
     let ports: Vec<u16> = (0..cfg.conns as u16).map(|i| 49152 + i).collect();
-    let server_data: BTreeMap<u16, Vec<u8>> =
-        ports.iter().map(|&p| (p, pattern(cfg.seed ^ 0x5e00 ^ u64::from(p), cfg.server_bytes))).collect();
-    let client_data: BTreeMap<u16, Vec<u8>> =
-        ports.iter().map(|&p| (p, pattern(cfg.seed ^ 0xc100 ^ u64::from(p), cfg.client_bytes))).collect();
+    let server_data: BTreeMap<u16, Vec<u8>> = ports
+        .iter()
+        .map(|&p| {
+            (
+                p,
+                pattern(cfg.seed ^ 0x5e00 ^ u64::from(p), cfg.server_bytes),
+            )
+        })
+        .collect();
+    let client_data: BTreeMap<u16, Vec<u8>> = ports
+        .iter()
+        .map(|&p| {
+            (
+                p,
+                pattern(cfg.seed ^ 0xc100 ^ u64::from(p), cfg.client_bytes),
+            )
+        })
+        .collect();
     let mut link = Link {
         rng: Rng::new(cfg.seed),
         queue: BTreeMap::new(),
@@ -350,7 +400,10 @@ fn run(cfg: SimCfg) -> Outcome {
         reorder_ppm: cfg.reorder_ppm,
         latency_ns: 500 * US,
     };
-    let mut client = Client::new(cfg.seed, client_data.iter().map(|(&p, d)| (p, d.clone())).collect());
+    let mut client = Client::new(
+        cfg.seed,
+        client_data.iter().map(|(&p, d)| (p, d.clone())).collect(),
+    );
     let mut replicas: Vec<(NetStack, ServerApp)> = Vec::new();
     for _ in 0..cfg.replicas.max(1) {
         let mut st = NetStack::new(super::cfg(), cfg.seed);
@@ -367,7 +420,10 @@ fn run(cfg: SimCfg) -> Outcome {
     let ctx = format!("seed {}", cfg.seed);
     loop {
         steps += 1;
-        assert!(steps < 3_000_000, "{ctx}: simulation did not finish (now = {now} ns)");
+        assert!(
+            steps < 3_000_000,
+            "{ctx}: simulation did not finish (now = {now} ns)"
+        );
         if now >= 3_600 * SEC {
             let st = &replicas[0].0;
             panic!(
@@ -410,10 +466,14 @@ fn run(cfg: SimCfg) -> Outcome {
         for (i, o) in outputs.iter().enumerate().skip(1) {
             assert!(o == &outputs[0], "{ctx}: replica {i} diverged at {now} ns");
         }
-        if steps % 256 == 0 {
+        if steps.is_multiple_of(256) {
             let h0 = replicas[0].0.state_hash();
             for (i, (st, _)) in replicas.iter().enumerate().skip(1) {
-                assert_eq!(st.state_hash(), h0, "{ctx}: replica {i} state hash diverged at {now} ns");
+                assert_eq!(
+                    st.state_hash(),
+                    h0,
+                    "{ctx}: replica {i} state hash diverged at {now} ns"
+                );
             }
             replicas[0].0.check_invariants();
         }
@@ -496,26 +556,49 @@ fn run(cfg: SimCfg) -> Outcome {
         if let Some(t) = client.poll_at(now) {
             next = next.min(t);
         }
-        for t in [hold_until, paused_until.filter(|&t| t > now)].into_iter().flatten() {
+        for t in [hold_until, paused_until.filter(|&t| t > now)]
+            .into_iter()
+            .flatten()
+        {
             next = next.min(t);
         }
-        assert!(next != u64::MAX, "{ctx}: deadlock at {now} ns: nothing scheduled");
+        assert!(
+            next != u64::MAX,
+            "{ctx}: deadlock at {now} ns: nothing scheduled"
+        );
         let next = next.max(now + US);
         now = next.div_ceil(US) * US;
     }
 
     let (st, app) = &replicas[0];
     for c in &client.conns {
-        assert!(c.received == server_data[&c.local_port], "{ctx}: client port {} got wrong bytes", c.local_port);
+        assert!(
+            c.received == server_data[&c.local_port],
+            "{ctx}: client port {} got wrong bytes",
+            c.local_port
+        );
     }
     for c in app.conns.values() {
-        assert!(c.received == client_data[&c.peer_port], "{ctx}: server got wrong bytes from port {}", c.peer_port);
+        assert!(
+            c.received == client_data[&c.peer_port],
+            "{ctx}: server got wrong bytes from port {}",
+            c.peer_port
+        );
     }
     st.check_invariants();
     if std::env::var_os("FTVM_NET_SIM_VERBOSE").is_some() {
-        eprintln!("sim {ctx}: {} ms virtual, {steps} steps, {:?}", now / MS, st.stats());
+        eprintln!(
+            "sim {ctx}: {} ms virtual, {steps} steps, {:?}",
+            now / MS,
+            st.stats()
+        );
     }
-    Outcome { output_hash: output_hasher.finalize().into(), final_state_hash: st.state_hash(), stats: st.stats(), virtual_ns: now }
+    Outcome {
+        output_hash: output_hasher.finalize().into(),
+        final_state_hash: st.state_hash(),
+        stats: st.stats(),
+        virtual_ns: now,
+    }
 }
 
 const MIB: usize = 1024 * 1024;
@@ -523,28 +606,50 @@ const MIB: usize = 1024 * 1024;
 #[test]
 fn bulk_both_ways_clean_link() {
     let o = run(SimCfg::new(1, 4 * MIB));
-    assert_eq!(o.stats.retransmits, 0, "a clean link needs no retransmission");
+    assert_eq!(
+        o.stats.retransmits, 0,
+        "a clean link needs no retransmission"
+    );
     assert_eq!(o.stats.conn_established, 1);
-    assert!(o.virtual_ns < 2 * SEC, "4 MiB each way on a clean 1 ms link: {} ns", o.virtual_ns);
+    assert!(
+        o.virtual_ns < 2 * SEC,
+        "4 MiB each way on a clean 1 ms link: {} ns",
+        o.virtual_ns
+    );
 }
 
 #[test]
 fn bulk_both_ways_lossy_duplicating_reordering_link() {
     let o = run(SimCfg::new(7, 4 * MIB).lossy());
-    assert!(o.stats.retransmits > 50, "5% loss must cause retransmissions: {:?}", o.stats);
-    assert!(o.stats.fast_retransmits > 0, "some losses are repaired by fast retransmit: {:?}", o.stats);
+    assert!(
+        o.stats.retransmits > 50,
+        "5% loss must cause retransmissions: {:?}",
+        o.stats
+    );
+    assert!(
+        o.stats.fast_retransmits > 0,
+        "some losses are repaired by fast retransmit: {:?}",
+        o.stats
+    );
 }
 
 #[test]
 fn our_sender_recovers_mostly_by_fast_retransmit() {
     // Server to client only, so the time measured is our sender's (smoltcp's RTO floor is 1 s).
-    let o = run(SimCfg { client_bytes: 1, ..SimCfg::new(8, 4 * MIB).lossy() });
+    let o = run(SimCfg {
+        client_bytes: 1,
+        ..SimCfg::new(8, 4 * MIB).lossy()
+    });
     assert!(
         o.stats.fast_retransmits > o.stats.rto_fired,
         "NewReno + limited transmit should repair most losses without a timeout: {:?}",
         o.stats
     );
-    assert!(o.virtual_ns < 60 * SEC, "4 MiB at 5% loss took {} s of virtual time", o.virtual_ns / SEC);
+    assert!(
+        o.virtual_ns < 60 * SEC,
+        "4 MiB at 5% loss took {} s of virtual time",
+        o.virtual_ns / SEC
+    );
 }
 
 #[test]
@@ -556,34 +661,52 @@ fn lossy_sweep_over_seeds() {
 
 #[test]
 fn many_parallel_connections() {
-    let o = run(SimCfg { conns: 12, ..SimCfg::new(41, 256 * 1024).lossy() });
+    let o = run(SimCfg {
+        conns: 12,
+        ..SimCfg::new(41, 256 * 1024).lossy()
+    });
     assert_eq!(o.stats.conn_established, 12);
 }
 
 #[test]
 fn client_that_stops_reading_is_probed_then_resumes() {
     // The client stops reading for 20 s: its 256 KiB buffer fills, its window closes, we probe.
-    let o = run(SimCfg { client_read_pause: Some((64 * 1024, 20 * SEC)), ..SimCfg::new(51, MIB) });
+    let o = run(SimCfg {
+        client_read_pause: Some((64 * 1024, 20 * SEC)),
+        ..SimCfg::new(51, MIB)
+    });
     assert!(o.stats.zero_window_probes > 0, "{:?}", o.stats);
     assert!(o.virtual_ns > 20 * SEC);
 }
 
 #[test]
 fn replicas_stay_identical_and_runs_repeat_exactly() {
-    let cfg = || SimCfg { replicas: 2, ..SimCfg::new(11, MIB).lossy() };
+    let cfg = || SimCfg {
+        replicas: 2,
+        ..SimCfg::new(11, MIB).lossy()
+    };
     let a = run(cfg());
     let b = run(cfg());
-    assert_eq!(a.output_hash, b.output_hash, "same seed, same output frames");
+    assert_eq!(
+        a.output_hash, b.output_hash,
+        "same seed, same output frames"
+    );
     assert_eq!(a.final_state_hash, b.final_state_hash);
     let c = run(SimCfg { seed: 12, ..cfg() });
-    assert_ne!(a.output_hash, c.output_hash, "the seed matters (ISNs, losses)");
+    assert_ne!(
+        a.output_hash, c.output_hash,
+        "the seed matters (ISNs, losses)"
+    );
 }
 
 #[test]
 fn snapshot_restore_mid_transfer_continues() {
     run(SimCfg {
         replicas: 2,
-        events: vec![(MIB / 2, Event::SnapshotRestore), (2 * MIB, Event::SnapshotRestore)],
+        events: vec![
+            (MIB / 2, Event::SnapshotRestore),
+            (2 * MIB, Event::SnapshotRestore),
+        ],
         ..SimCfg::new(21, 2 * MIB).lossy()
     });
 }
@@ -592,7 +715,10 @@ fn snapshot_restore_mid_transfer_continues() {
 fn cloned_backup_takes_over_after_failover() {
     let o = run(SimCfg {
         conns: 3,
-        events: vec![(MIB / 2, Event::CloneBackup), (3 * MIB / 2, Event::Failover { hold_ns: 30 * MS })],
+        events: vec![
+            (MIB / 2, Event::CloneBackup),
+            (3 * MIB / 2, Event::Failover { hold_ns: 30 * MS }),
+        ],
         ..SimCfg::new(31, MIB).lossy()
     });
     assert!(o.stats.retransmits > 0);
@@ -607,6 +733,13 @@ fn failover_with_long_hold_on_clean_link() {
         events: vec![(MIB, Event::Failover { hold_ns: 200 * MS })],
         ..SimCfg::new(61, MIB)
     });
-    assert!(o.stats.retransmits > 0, "go-live re-sends what was held: {:?}", o.stats);
-    assert_eq!(o.stats.arp_requests_sent, crate::GRATUITOUS_ARP_COUNT as u64);
+    assert!(
+        o.stats.retransmits > 0,
+        "go-live re-sends what was held: {:?}",
+        o.stats
+    );
+    assert_eq!(
+        o.stats.arp_requests_sent,
+        crate::GRATUITOUS_ARP_COUNT as u64
+    );
 }

@@ -12,23 +12,56 @@ fn stack() -> NetStack {
 #[test]
 fn arp_request_for_our_ip_is_answered_and_sender_learned() {
     let mut s = stack();
-    let req = ArpPacket { oper: wire::ARP_REQUEST, sha: CLIENT_MAC, spa: CLIENT_IP, tha: [0; 6], tpa: SERVER_IP };
-    s.receive_frame(&wire::build_arp_frame(wire::MAC_BROADCAST, CLIENT_MAC, &req), 0);
+    let req = ArpPacket {
+        oper: wire::ARP_REQUEST,
+        sha: CLIENT_MAC,
+        spa: CLIENT_IP,
+        tha: [0; 6],
+        tpa: SERVER_IP,
+    };
+    s.receive_frame(
+        &wire::build_arp_frame(wire::MAC_BROADCAST, CLIENT_MAC, &req),
+        0,
+    );
     let out: Vec<Vec<u8>> = s.drain_frames().collect();
     assert_eq!(out.len(), 1);
     let eth = wire::parse_eth(&out[0]).unwrap();
-    assert_eq!((eth.dst, eth.src, eth.ethertype), (CLIENT_MAC, SERVER_MAC, wire::ETHERTYPE_ARP));
+    assert_eq!(
+        (eth.dst, eth.src, eth.ethertype),
+        (CLIENT_MAC, SERVER_MAC, wire::ETHERTYPE_ARP)
+    );
     let rep = wire::parse_arp(eth.payload).unwrap();
-    assert_eq!(rep, ArpPacket { oper: wire::ARP_REPLY, sha: SERVER_MAC, spa: SERVER_IP, tha: CLIENT_MAC, tpa: CLIENT_IP });
+    assert_eq!(
+        rep,
+        ArpPacket {
+            oper: wire::ARP_REPLY,
+            sha: SERVER_MAC,
+            spa: SERVER_IP,
+            tha: CLIENT_MAC,
+            tpa: CLIENT_IP
+        }
+    );
     assert_eq!(s.stats().arp_replies, 1);
 
     // A request for another address gets no answer.
-    let other = ArpPacket { tpa: [198, 18, 0, 99], ..req };
-    s.receive_frame(&wire::build_arp_frame(wire::MAC_BROADCAST, CLIENT_MAC, &other), 0);
+    let other = ArpPacket {
+        tpa: [198, 18, 0, 99],
+        ..req
+    };
+    s.receive_frame(
+        &wire::build_arp_frame(wire::MAC_BROADCAST, CLIENT_MAC, &other),
+        0,
+    );
     assert_eq!(s.drain_frames().count(), 0);
 
     // The learned MAC is used for an ICMP reply (no ARP request needed).
-    let r = Ipv4Route { eth_dst: SERVER_MAC, eth_src: CLIENT_MAC, ip_src: CLIENT_IP, ip_dst: SERVER_IP, ident: 1 };
+    let r = Ipv4Route {
+        eth_dst: SERVER_MAC,
+        eth_src: CLIENT_MAC,
+        ip_src: CLIENT_IP,
+        ip_dst: SERVER_IP,
+        ident: 1,
+    };
     s.receive_frame(&wire::build_icmp_echo_frame(&r, 8, 1, 1, b"x"), 0);
     let out: Vec<Vec<u8>> = s.drain_frames().collect();
     assert_eq!(out.len(), 1);
@@ -45,14 +78,29 @@ fn announce_queues_three_gratuitous_arps() {
         let eth = wire::parse_eth(f).unwrap();
         assert_eq!((eth.dst, eth.src), (wire::MAC_BROADCAST, SERVER_MAC));
         let a = wire::parse_arp(eth.payload).unwrap();
-        assert_eq!(a, ArpPacket { oper: wire::ARP_REQUEST, sha: SERVER_MAC, spa: SERVER_IP, tha: [0; 6], tpa: SERVER_IP });
+        assert_eq!(
+            a,
+            ArpPacket {
+                oper: wire::ARP_REQUEST,
+                sha: SERVER_MAC,
+                spa: SERVER_IP,
+                tha: [0; 6],
+                tpa: SERVER_IP
+            }
+        );
     }
 }
 
 #[test]
 fn icmp_echo_request_gets_reply_and_bad_ones_do_not() {
     let mut s = stack();
-    let r = Ipv4Route { eth_dst: SERVER_MAC, eth_src: CLIENT_MAC, ip_src: CLIENT_IP, ip_dst: SERVER_IP, ident: 9 };
+    let r = Ipv4Route {
+        eth_dst: SERVER_MAC,
+        eth_src: CLIENT_MAC,
+        ip_src: CLIENT_IP,
+        ip_dst: SERVER_IP,
+        ident: 9,
+    };
     let payload: Vec<u8> = (0..56u8).collect();
     s.receive_frame(&wire::build_icmp_echo_frame(&r, 8, 0xbeef, 3, &payload), 5);
     let out: Vec<Vec<u8>> = s.drain_frames().collect();
@@ -60,10 +108,17 @@ fn icmp_echo_request_gets_reply_and_bad_ones_do_not() {
     let eth = wire::parse_eth(&out[0]).unwrap();
     assert_eq!(eth.dst, CLIENT_MAC);
     let ip = wire::parse_ipv4(eth.payload).unwrap();
-    assert_eq!((ip.src, ip.dst, ip.proto), (SERVER_IP, CLIENT_IP, wire::IPPROTO_ICMP));
+    assert_eq!(
+        (ip.src, ip.dst, ip.proto),
+        (SERVER_IP, CLIENT_IP, wire::IPPROTO_ICMP)
+    );
     let icmp = ip.payload;
     assert_eq!((icmp[0], icmp[1]), (0, 0), "echo reply");
-    assert_eq!(wire::checksum_fold(wire::checksum_add(0, icmp)), 0, "reply checksum verifies");
+    assert_eq!(
+        wire::checksum_fold(wire::checksum_add(0, icmp)),
+        0,
+        "reply checksum verifies"
+    );
     assert_eq!(&icmp[4..8], &[0xbe, 0xef, 0, 3]);
     assert_eq!(&icmp[8..], &payload[..]);
 
@@ -75,7 +130,11 @@ fn icmp_echo_request_gets_reply_and_bad_ones_do_not() {
     assert_eq!(s.drain_frames().count(), 0);
     assert_eq!(s.stats().drop_bad_checksum, 1);
     // Broadcast ping: no reply (no amplification).
-    let rb = Ipv4Route { eth_dst: wire::MAC_BROADCAST, ip_dst: [198, 18, 0, 255], ..r };
+    let rb = Ipv4Route {
+        eth_dst: wire::MAC_BROADCAST,
+        ip_dst: [198, 18, 0, 255],
+        ..r
+    };
     s.receive_frame(&wire::build_icmp_echo_frame(&rb, 8, 1, 1, b"abcd"), 7);
     assert_eq!(s.drain_frames().count(), 0);
     assert_eq!(s.stats().drop_broadcast, 1);
@@ -95,8 +154,15 @@ fn handshake_negotiates_mss_and_window_scale() {
     assert_eq!(sa.mss, Some(1460), "we advertise MTU - 40");
     assert_eq!(sa.wscale, Some(WINDOW_SHIFT));
     assert_eq!(sa.window, 65535, "SYN-ACK windows are never scaled");
-    assert_eq!((sa.eth_dst, sa.ip_dst, sa.src_port, sa.dst_port), (CLIENT_MAC, CLIENT_IP, 80, 40000));
-    assert_eq!(s.accept(l), Err(NetError::WouldBlock), "not established yet");
+    assert_eq!(
+        (sa.eth_dst, sa.ip_dst, sa.src_port, sa.dst_port),
+        (CLIENT_MAC, CLIENT_IP, 80, 40000)
+    );
+    assert_eq!(
+        s.accept(l),
+        Err(NetError::WouldBlock),
+        "not established yet"
+    );
     p.seq += 1;
     p.ack = sa.seq + 1;
     // Window 100 scaled by 2^7 = 12800 bytes.
@@ -116,7 +182,10 @@ fn handshake_negotiates_mss_and_window_scale() {
     assert_eq!(total, 10000, "cwnd of 10 segments limits the first flight");
     assert_eq!(segs[0].seq, p.ack);
     // Our window field is scaled by our shift.
-    assert_eq!(u32::from(segs[0].window) << WINDOW_SHIFT, RECV_BUF_BYTES as u32);
+    assert_eq!(
+        u32::from(segs[0].window) << WINDOW_SHIFT,
+        RECV_BUF_BYTES as u32
+    );
     assert_eq!(s.stats().conn_established, 1);
 }
 
@@ -143,14 +212,24 @@ fn data_flows_both_ways_with_immediate_acks() {
     assert_eq!(s.send(sock, b"world", 2 * MS), Ok(5));
     let out = drain_segs(&mut s);
     assert_eq!(out.len(), 1);
-    assert_eq!((out[0].seq, out[0].ack, out[0].payload.as_slice()), (p.ack, p.seq, &b"world"[..]));
+    assert_eq!(
+        (out[0].seq, out[0].ack, out[0].payload.as_slice()),
+        (p.ack, p.seq, &b"world"[..])
+    );
     assert!(out[0].has(PSH) && out[0].has(ACK));
-    assert!(s.next_deadline_ns().is_some(), "unacknowledged data arms the RTO");
+    assert!(
+        s.next_deadline_ns().is_some(),
+        "unacknowledged data arms the RTO"
+    );
     p.ack += 5;
     let a = p.ack_with_window(65535);
     s.receive_frame(&a, 3 * MS);
     assert!(drain_segs(&mut s).is_empty());
-    assert_eq!(s.next_deadline_ns(), None, "everything acknowledged: no timer");
+    assert_eq!(
+        s.next_deadline_ns(),
+        None,
+        "everything acknowledged: no timer"
+    );
 }
 
 #[test]
@@ -163,7 +242,10 @@ fn stray_segments_get_rst() {
     s.receive_frame(&syn, 0);
     let out = drain_segs(&mut s);
     assert_eq!(out.len(), 1);
-    assert_eq!((out[0].flags, out[0].seq, out[0].ack), (RST | ACK, 0, p.seq + 1));
+    assert_eq!(
+        (out[0].flags, out[0].seq, out[0].ack),
+        (RST | ACK, 0, p.seq + 1)
+    );
     // ACK to a listening port without a connection: RST with SEQ = SEG.ACK.
     let mut p = Peer::new(1235, 80);
     let f = p.frame(ACK, 5, 777, 100, b"");
@@ -194,11 +276,17 @@ fn lost_data_is_retransmitted_with_backoff_then_times_out() {
         s.poll(now);
         let re = drain_segs(&mut s);
         assert_eq!(re.len(), 1);
-        assert_eq!((re[0].seq, re[0].payload.as_slice()), (first.seq, &b"lost"[..]));
+        assert_eq!(
+            (re[0].seq, re[0].payload.as_slice()),
+            (first.seq, &b"lost"[..])
+        );
     }
     // Exponential backoff, capped.
     for w in deadlines.windows(2) {
-        assert!(w[1] == (w[0] * 2).min(RTO_MAX_NS), "backoff doubles: {deadlines:?}");
+        assert!(
+            w[1] == (w[0] * 2).min(RTO_MAX_NS),
+            "backoff doubles: {deadlines:?}"
+        );
     }
     // The next expiry gives up: RST, and the socket reports the timeout.
     let d = s.next_deadline_ns().unwrap();
@@ -215,7 +303,10 @@ fn lost_data_is_retransmitted_with_backoff_then_times_out() {
     s.close(sock, d);
     assert_eq!(s.stats().sockets_open, 0);
     assert_eq!(s.next_deadline_ns(), None);
-    assert_eq!(s.recv(sock, &mut buf, false), Err(NetError::InvalidSocket(sock.0)));
+    assert_eq!(
+        s.recv(sock, &mut buf, false),
+        Err(NetError::InvalidSocket(sock.0))
+    );
 }
 
 #[test]
@@ -233,12 +324,19 @@ fn three_dup_acks_trigger_fast_retransmit_and_newreno_recovery() {
     for _ in 0..2 {
         let f = p.ack_with_window(65535);
         s.receive_frame(&f, 20 * MS);
-        assert!(drain_segs(&mut s).is_empty(), "fewer than three duplicates: wait");
+        assert!(
+            drain_segs(&mut s).is_empty(),
+            "fewer than three duplicates: wait"
+        );
     }
     let f = p.ack_with_window(65535);
     s.receive_frame(&f, 20 * MS);
     let re = drain_segs(&mut s);
-    assert_eq!(re.len(), 1, "third duplicate: retransmit at once, before any timer");
+    assert_eq!(
+        re.len(),
+        1,
+        "third duplicate: retransmit at once, before any timer"
+    );
     assert_eq!((re[0].seq, re[0].payload.len()), (base, 1000));
     assert_eq!(s.stats().fast_retransmits, 1);
     // A partial ACK (segments 1..=3 now received, 4 lost too) retransmits segment 4 (NewReno).
@@ -246,7 +344,11 @@ fn three_dup_acks_trigger_fast_retransmit_and_newreno_recovery() {
     let f = p.ack_with_window(65535);
     s.receive_frame(&f, 30 * MS);
     let re = drain_segs(&mut s);
-    assert!(re.iter().any(|g| g.seq == base + 3000 && g.payload.len() == 1000), "partial ack retransmits: {re:?}");
+    assert!(
+        re.iter()
+            .any(|g| g.seq == base + 3000 && g.payload.len() == 1000),
+        "partial ack retransmits: {re:?}"
+    );
     // Full ACK ends recovery; the rest of the data (none left) and no more retransmissions.
     p.ack = base + 10_000;
     let f = p.ack_with_window(65535);
@@ -275,7 +377,10 @@ fn zero_window_is_probed_until_it_opens() {
     let f = p.ack_with_window(0);
     s.receive_frame(&f, 11 * MS);
     s.send(sock, &[2u8; 500], 12 * MS).unwrap();
-    assert!(drain_segs(&mut s).is_empty(), "nothing may be sent into a zero window");
+    assert!(
+        drain_segs(&mut s).is_empty(),
+        "nothing may be sent into a zero window"
+    );
     // Probes: one byte, repeated with growing intervals while the peer keeps answering 0.
     let mut last_gap = 0;
     let mut now = 12 * MS;
@@ -287,7 +392,10 @@ fn zero_window_is_probed_until_it_opens() {
         s.poll(now);
         let probe = drain_segs(&mut s);
         assert_eq!(probe.len(), 1, "probe {i}");
-        assert_eq!((probe[0].seq, probe[0].payload.as_slice()), (p.ack, &[2u8][..]));
+        assert_eq!(
+            (probe[0].seq, probe[0].payload.as_slice()),
+            (p.ack, &[2u8][..])
+        );
         // The peer drops the byte and answers with a zero window: a live peer keeps the
         // connection open past MAX_RETRIES.
         let f = p.ack_with_window(0);
@@ -351,7 +459,10 @@ fn out_of_order_segments_are_reassembled() {
     s.receive_frame(&f2, MS);
     let dups = drain_segs(&mut s);
     assert_eq!(dups.len(), 2);
-    assert!(dups.iter().all(|d| d.ack == base), "out-of-order data draws immediate duplicate ACKs");
+    assert!(
+        dups.iter().all(|d| d.ack == base),
+        "out-of-order data draws immediate duplicate ACKs"
+    );
     let mut buf = [0u8; 32];
     assert_eq!(s.recv(sock, &mut buf, false), Err(NetError::WouldBlock));
     s.receive_frame(&f1, MS);
@@ -386,7 +497,11 @@ fn peer_closes_first_then_we_close() {
     assert_eq!(fin.len(), 1);
     assert!(fin[0].has(FIN));
     assert_eq!(fin[0].seq, p.ack);
-    assert_eq!(s.stats().sockets_open, 1, "LAST-ACK until our FIN is acknowledged");
+    assert_eq!(
+        s.stats().sockets_open,
+        1,
+        "LAST-ACK until our FIN is acknowledged"
+    );
     p.ack += 1;
     let f = p.ack_with_window(65535);
     s.receive_frame(&f, 4 * MS);
@@ -523,7 +638,10 @@ fn syn_flood_beyond_backlog_is_bounded_and_drains() {
         s.drain_frames().for_each(drop);
     }
     assert_eq!(s.stats().sockets_open, 0);
-    assert!(now < 100 * SEC, "half-open connections are dropped within ~a minute");
+    assert!(
+        now < 100 * SEC,
+        "half-open connections are dropped within ~a minute"
+    );
     // The listener works again afterwards.
     let mut p = Peer::new(9999, 80);
     let f = p.syn(None, None);
@@ -615,7 +733,13 @@ fn malformed_and_foreign_frames_are_dropped_and_counted() {
 fn off_subnet_replies_go_via_gateway() {
     let gw_ip = [198, 18, 0, 254];
     let gw_mac = [0x02, 0, 0, 0, 0, 0xfe];
-    let mut s = NetStack::new(NicConfig { gateway: Some(gw_ip), ..cfg() }, 1);
+    let mut s = NetStack::new(
+        NicConfig {
+            gateway: Some(gw_ip),
+            ..cfg()
+        },
+        1,
+    );
     let _l = s.listen(80, 4).unwrap();
     // A SYN from a far host, relayed by a router whose MAC we do not know yet: we answer to the
     // MAC the frame came from (learned per IP) ...
@@ -628,7 +752,13 @@ fn off_subnet_replies_go_via_gateway() {
     assert_eq!(out.len(), 1);
     assert_eq!(parse_seg(&out[0]).unwrap().eth_dst, far.mac);
     // ... and once the gateway is known (it ARPs for us), through the gateway.
-    let req = ArpPacket { oper: wire::ARP_REQUEST, sha: gw_mac, spa: gw_ip, tha: [0; 6], tpa: SERVER_IP };
+    let req = ArpPacket {
+        oper: wire::ARP_REQUEST,
+        sha: gw_mac,
+        spa: gw_ip,
+        tha: [0; 6],
+        tpa: SERVER_IP,
+    };
     s.receive_frame(&wire::build_arp_frame(wire::MAC_BROADCAST, gw_mac, &req), 1);
     s.drain_frames().for_each(drop);
     let mut far2 = Peer::new(4013, 80);
@@ -649,8 +779,17 @@ fn unknown_next_hop_triggers_rate_limited_arp() {
     // newer entries so the peer is evicted.
     for i in 0..MAX_NEIGHBORS as u32 {
         let ip = [10, 1, (i >> 8) as u8, i as u8];
-        let arp = ArpPacket { oper: wire::ARP_REQUEST, sha: [0x02, 1, 1, 1, (i >> 8) as u8, i as u8], spa: ip, tha: [0; 6], tpa: SERVER_IP };
-        s.receive_frame(&wire::build_arp_frame(wire::MAC_BROADCAST, arp.sha, &arp), SEC + u64::from(i));
+        let arp = ArpPacket {
+            oper: wire::ARP_REQUEST,
+            sha: [0x02, 1, 1, 1, (i >> 8) as u8, i as u8],
+            spa: ip,
+            tha: [0; 6],
+            tpa: SERVER_IP,
+        };
+        s.receive_frame(
+            &wire::build_arp_frame(wire::MAC_BROADCAST, arp.sha, &arp),
+            SEC + u64::from(i),
+        );
     }
     s.drain_frames().for_each(drop);
     s.check_invariants();
@@ -682,7 +821,11 @@ fn retransmit_all_resends_everything_in_flight() {
     // Same bytes from the same sequence number; the FIN now rides on the last data segment.
     assert_eq!(again.len(), 3);
     assert_eq!(again[0].seq, first[0].seq);
-    let bytes = |v: &[Seg]| v.iter().flat_map(|g| g.payload.clone()).collect::<Vec<u8>>();
+    let bytes = |v: &[Seg]| {
+        v.iter()
+            .flat_map(|g| g.payload.clone())
+            .collect::<Vec<u8>>()
+    };
     assert_eq!(bytes(&again), bytes(&first));
     assert!(again[2].has(FIN) && again[2].seq + 500 == first[3].seq);
     assert_eq!(s.stats().retransmits, 3);
@@ -700,13 +843,21 @@ fn retransmit_all_resends_everything_in_flight() {
 #[test]
 fn listener_limits_and_close_listener() {
     let mut s = stack();
-    assert!(matches!(s.listen(0, 1), Err(NetError::InvalidArgument { .. })));
+    assert!(matches!(
+        s.listen(0, 1),
+        Err(NetError::InvalidArgument { .. })
+    ));
     let l = s.listen(80, 4).unwrap();
     assert_eq!(s.listen(80, 4), Err(NetError::AddrInUse { port: 80 }));
     for port in 1..MAX_LISTENERS as u16 {
         s.listen(1000 + port, 1).unwrap();
     }
-    assert_eq!(s.listen(9, 1), Err(NetError::TooManyListeners { limit: MAX_LISTENERS }));
+    assert_eq!(
+        s.listen(9, 1),
+        Err(NetError::TooManyListeners {
+            limit: MAX_LISTENERS
+        })
+    );
     // One established-but-unaccepted and one half-open connection, then close the listener.
     let mut p1 = Peer::new(5001, 80);
     let syn = p1.syn(None, None);
@@ -727,7 +878,10 @@ fn listener_limits_and_close_listener() {
     assert!(rsts.iter().all(|r| r.has(RST)));
     assert_eq!(s.stats().sockets_open, 0);
     assert_eq!(s.accept(l), Err(NetError::InvalidListener(l.0)));
-    assert!(s.listener_ready(l), "unknown listener polls ready so accept reports the error");
+    assert!(
+        s.listener_ready(l),
+        "unknown listener polls ready so accept reports the error"
+    );
     s.listen(80, 4).expect("port is free again");
 }
 
@@ -746,7 +900,119 @@ fn save_restore_and_hash_are_exact() {
     assert_eq!(r.state_hash(), s.state_hash());
     let mut t = r.clone();
     t.poll(10 * SEC);
-    assert_ne!(t.state_hash(), s.state_hash(), "a retransmission changes the state");
-    assert!(matches!(NetStack::restore(&bytes[..bytes.len() / 2]), Err(NetError::Decode(_))));
+    assert_ne!(
+        t.state_hash(),
+        s.state_hash(),
+        "a retransmission changes the state"
+    );
+    assert!(matches!(
+        NetStack::restore(&bytes[..bytes.len() / 2]),
+        Err(NetError::Decode(_))
+    ));
     assert!(NetStack::restore(b"").is_err());
+}
+
+#[test]
+fn in_window_rst_storm_draws_bounded_challenge_acks() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4017, 80);
+    let (sock, _) = connect(&mut s, l, &mut p, Some(1460), None, 0);
+    let mut replies = 0;
+    for i in 0..1000u32 {
+        let f = p.frame(RST, p.seq + 1 + i, 0, 0, b"");
+        s.receive_frame(&f, MS + u64::from(i) * 1000);
+        replies += drain_segs(&mut s).len();
+    }
+    assert_eq!(replies, MAX_CHALLENGE_ACKS_PER_SEC as usize);
+    assert!(!s.readiness(sock).error, "inexact RSTs never reset");
+    // The next second has a fresh budget.
+    let f = p.frame(RST, p.seq + 7, 0, 0, b"");
+    s.receive_frame(&f, 2 * SEC);
+    assert_eq!(drain_segs(&mut s).len(), 1);
+}
+
+#[test]
+fn new_syn_reuses_a_time_wait_tuple() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4018, 80);
+    let (sock, _) = connect(&mut s, l, &mut p, Some(1460), None, 0);
+    s.close(sock, MS);
+    drain_segs(&mut s);
+    p.ack += 1;
+    let f = p.fin(65535);
+    s.receive_frame(&f, 2 * MS);
+    drain_segs(&mut s);
+    assert_eq!(s.stats().sockets_open, 1, "TIME-WAIT");
+    // The client reconnects from the same port with a higher ISN.
+    p.seq += 100_000;
+    let (sock2, sa) = connect(&mut s, l, &mut p, Some(1460), None, 3 * MS);
+    assert_ne!(sock2, sock);
+    assert_eq!(sa.ack, p.seq, "fresh handshake");
+    assert_eq!(
+        s.stats().sockets_open,
+        1,
+        "the TIME-WAIT socket was replaced"
+    );
+    // An old-sequence SYN into TIME-WAIT would only be re-acknowledged, but the tuple is now live:
+    // it gets a challenge ACK.
+    let f = p.frame(SYN, p.seq - 5, 0, 100, b"");
+    s.receive_frame(&f, 4 * MS);
+    assert_eq!(drain_segs(&mut s)[0].flags, ACK);
+}
+
+#[test]
+fn extreme_times_do_not_overflow() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4019, 80);
+    let (sock, _) = connect(&mut s, l, &mut p, Some(1460), None, u64::MAX - 10 * SEC);
+    s.send(sock, b"data", u64::MAX - 5).unwrap();
+    p.ack += 4;
+    let f = p.ack_with_window(65535);
+    s.receive_frame(&f, u64::MAX);
+    s.send(sock, b"more", u64::MAX).unwrap();
+    s.poll(u64::MAX);
+    s.poll(0); // time never goes backwards inside the stack
+    s.check_invariants();
+    drain_segs(&mut s);
+}
+
+#[test]
+fn full_buffers_save_restore_exactly() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4020, 80);
+    let (sock, _) = connect(&mut s, l, &mut p, Some(1460), Some(7), 0);
+    // Fill the receive buffer (the guest reads nothing) ...
+    let chunk = vec![3u8; 1460];
+    let mut got = 0;
+    while got < RECV_BUF_BYTES {
+        let n = chunk.len().min(RECV_BUF_BYTES - got);
+        let f = p.data(&chunk[..n], 0);
+        s.receive_frame(&f, MS);
+        got += n;
+    }
+    // ... and the send buffer (the peer's window is zero), after wrapping it around once.
+    let data: Vec<u8> = (0..SEND_BUF_BYTES).map(|i| (i * 7) as u8).collect();
+    assert_eq!(s.send(sock, &data, MS), Ok(SEND_BUF_BYTES));
+    assert_eq!(s.send(sock, b"x", MS), Err(NetError::WouldBlock));
+    assert!(!s.readiness(sock).writable);
+    drain_segs(&mut s);
+    let t = std::time::Instant::now();
+    let bytes = s.save();
+    let h = s.state_hash();
+    let elapsed = t.elapsed();
+    assert!(bytes.len() > RECV_BUF_BYTES + SEND_BUF_BYTES);
+    assert!(
+        bytes.len() < RECV_BUF_BYTES + SEND_BUF_BYTES + 16 * 1024,
+        "byte buffers encode compactly"
+    );
+    let r = NetStack::restore(&bytes).unwrap();
+    assert_eq!(r, s);
+    assert_eq!(r.state_hash(), h);
+    if std::env::var_os("FTVM_NET_SIM_VERBOSE").is_some() {
+        eprintln!("save + hash of one socket with full buffers: {elapsed:?}");
+    }
 }
