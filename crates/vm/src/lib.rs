@@ -186,10 +186,15 @@ impl Vm {
             memory_refused: false,
         };
         let net = spec.nic.as_ref().map(|nic| {
-            ftvm_net::NetStack::new(
+            let mut net = ftvm_net::NetStack::new(
                 ftvm_net::NicConfig { mac: nic.mac, ip: nic.ip, prefix_len: nic.prefix_len, gateway: nic.gateway, mtu: 1500 },
                 nic.seed,
-            )
+            );
+            // Announce the VM's MAC/IP at power-on (switches may remember it elsewhere, say where
+            // a previous incarnation of this VM ran). Sent at the first wait point, on every
+            // replica alike, so it is part of the replayed output.
+            net.announce();
+            net
         });
         let mut host = Host {
             spec: spec.clone(),

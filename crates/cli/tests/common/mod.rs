@@ -61,16 +61,34 @@ pub struct Etcd {
     child: std::process::Child,
     pub url: String,
     _dir: tempfile::TempDir,
+    ns: Option<String>,
 }
 
 impl Etcd {
+    /// On loopback, in this namespace.
     pub fn start() -> Etcd {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let (client, peer) = (free(), free());
+        Etcd::start_at(None, "127.0.0.1", free(), free())
+    }
+
+    /// Inside network namespace `ns` (a lab host), listening on `ip`.
+    pub fn start_in(ns: &str, ip: &str) -> Etcd {
+        Etcd::start_at(Some(ns.to_string()), ip, 2379, 2380)
+    }
+
+    fn start_at(ns: Option<String>, ip: &str, client: u16, peer: u16) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = std::process::Command::new("etcd")
+        let url = format!("http://{ip}:{client}");
+        let peer_url = format!("http://{ip}:{peer}");
+        let mut cmd = match &ns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => std::process::Command::new("etcd"),
+        };
+        let child = cmd
             .args(["--name", "ftvm-test", "--data-dir", dir.path().join("data").to_str().unwrap()])
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
@@ -79,7 +97,7 @@ impl Etcd {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("etcd is not installed: run `bash scripts/setup.sh` (Debian etcd-server)");
-        let etcd = Etcd { child, url, _dir: dir };
+        let etcd = Etcd { child, url, _dir: dir, ns };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if etcd.healthy() {
@@ -91,8 +109,16 @@ impl Etcd {
     }
 
     fn healthy(&self) -> bool {
+        let url = self.url.clone();
+        match &self.ns {
+            Some(ns) => in_netns_thread(ns, move || Etcd::probe(&url)).join().unwrap_or(false),
+            None => Etcd::probe(&url),
+        }
+    }
+
+    fn probe(url: &str) -> bool {
         use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
+        let addr = url.trim_start_matches("http://");
         let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
         if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
@@ -102,6 +128,19 @@ impl Etcd {
         let _ = s.read_to_string(&mut body);
         body.contains("\"health\":\"true\"")
     }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (sockets it opens live there).
+pub fn in_netns_thread<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
 }
 
 impl Drop for Etcd {
