@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# KV and network benchmarks in the lab (issues 3 and 4), all configurations in one run, interleaved:
+#   (a) the KV guest under `ftvm run` (our netstack behind a TAP)
+#   (b) the same C server built natively (kernel TCP) in the same host namespace
+#   (c) real redis-server in the same host namespace
+#   (d) the KV guest as a fault-tolerant pair (primary host-a, backup host-b)
+# then single-stream echo throughput (ftvm vs native), the log bandwidth of the FT pair under load,
+# and the client-visible stall of a failover (SIGKILL of the primary during an INCR loop).
+# Usage: scripts/bench-kv.sh [REQUESTS] [ROUNDS]      (root; run scripts/setup.sh first)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+F="$REPO/target/release/ftvm"
+G="$REPO/guests/build"
+N="${1:-100000}"
+ROUNDS="${2:-2}"
+LAB=bkv
+S=60
+VM=198.18.$S.50
+HA=198.18.$S.11
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    "$F" lab down --name $LAB || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+"$F" lab up --name $LAB --subnet $S >/dev/null
+for h in host-a host-b; do
+    ip -n $LAB-$h tuntap add dev tap0 mode tap
+    ip -n $LAB-$h link set tap0 master br0 up
+done
+inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
+NIC="tap=tap0,mac=02:f7:00:00:3c:50,ip=$VM/24"
+cat >"$TMP/kv.toml" <<TOML
+name = "bench-kv"
+module = "$G/kv.wasm"
+listen = [6379]
+[nic]
+mac = "02:f7:00:00:3c:50"
+ip = "$VM/24"
+TOML
+wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1:$2" >&2; return 1; }
+bench() { # bench NAME HOST PORT -> appends "name test rps p50 p99" lines
+    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c 50 --csv 2>/dev/null |
+        awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+for ((r = 0; r < ROUNDS; r++)); do
+    ip netns exec $LAB-host-a "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    wait_port $VM 6379; bench ftvm-run $VM 6379; stop $p
+    ip netns exec $LAB-host-a "$G/native/kv" 6380 >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    wait_port $HA 6380; bench native-kv $HA 6380; stop $p
+    ip netns exec $LAB-host-a redis-server --port 6381 --bind $HA --protected-mode no --save "" --appendonly no >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    wait_port $HA 6381; bench redis-server $HA 6381; stop $p
+    rm -rf "$TMP/tb"
+    ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+        --status-file "$TMP/a.json" >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
+    ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+        >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
+    wait_port $VM 6379
+    for _ in $(seq 50); do [[ -s "$TMP/a.json" ]] && break; sleep 0.1; done
+    b0=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t0=$(date +%s%N)
+    bench ftvm-ft $VM 6379
+    b1=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t1=$(date +%s%N)
+    awk -v a="$b0" -v b="$b1" -v t=$(( (t1 - t0) / 1000000 )) 'BEGIN { printf "%.2f\n", (b-a)*8/1e6/(t/1000) }' >>"$TMP/logbw"
+    stop $pa; stop $pb
+done
+
+echo "redis-benchmark -t ping,set,get,incr -n $N -c 50, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
+python3 - "$TMP/results" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, rest = line.split(" ", 1)
+    parts = rest.rsplit(" ", 3)
+    test, rps, p50, p99 = parts[0], float(parts[1]), float(parts[2]), float(parts[3])
+    rows[(name, test)].append((rps, p50, p99))
+names = ["ftvm-run", "native-kv", "redis-server", "ftvm-ft"]
+tests = sorted({t for (_, t) in rows})
+print(f"{'test':<14}" + "".join(f"{n:>26}" for n in names) + f"{'run/native':>12}{'ft/run':>9}")
+for t in tests:
+    cells, med = "", {}
+    for n in names:
+        v = rows.get((n, t))
+        if not v:
+            cells += f"{'-':>26}"; continue
+        rps = statistics.median(x[0] for x in v); p50 = statistics.median(x[1] for x in v); p99 = statistics.median(x[2] for x in v)
+        med[n] = rps
+        cells += f"{rps:>12.0f} {p50:>5.3f}/{p99:>6.3f}"
+    ratio = med.get("ftvm-run", 0) / med["native-kv"] if med.get("native-kv") else 0
+    ft = med.get("ftvm-ft", 0) / med["ftvm-run"] if med.get("ftvm-run") else 0
+    print(f"{t:<14}{cells}{ratio:>12.3f}{ft:>9.3f}")
+PY
+echo "FT log bandwidth under this load (Mbit/s, per round): $(tr '\n' ' ' <"$TMP/logbw")"
+
+# Single-stream echo throughput.
+cat >"$TMP/echo.py" <<'PY'
+import socket, sys, threading, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2]))); total = int(sys.argv[3]); s.settimeout(30)
+data = bytes(range(256)) * 256
+threading.Thread(target=lambda: [s.sendall(data) for _ in range(total // len(data))], daemon=True).start()
+got, t0 = 0, time.time()
+while got < total:
+    b = s.recv(1 << 18)
+    if not b: break
+    got += len(b)
+print(f"{got / (time.time() - t0) / 1e6:.1f}")
+PY
+ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=02:f7:00:00:3c:50,ip=$VM/24" --listen 7000 "$G/echo.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
+sleep 0.5; e1=$(inns client python3 "$TMP/echo.py" $VM 7000 67108864); stop $p
+ip netns exec $LAB-host-a "$G/native/echo" 7001 >/dev/null 2>&1 & p=$!; PIDS+=($p)
+sleep 0.3; e2=$(inns client python3 "$TMP/echo.py" $HA 7001 67108864); stop $p
+echo "echo, one stream of 64 MiB each way: ftvm run $e1 MB/s, native $e2 MB/s"
+
+# Failover stall: an INCR loop across a SIGKILL of the primary.
+cat >"$TMP/incr.py" <<'PY'
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 6379)); s.settimeout(20)
+n, worst, errors = int(sys.argv[2]), 0.0, 0
+for i in range(n):
+    t = time.time(); s.sendall(b"*2\r\n$4\r\nINCR\r\n$1\r\nc\r\n"); r = s.recv(64)
+    if not r.startswith(b":"): errors += 1
+    worst = max(worst, time.time() - t)
+    if i == n // 3: open(sys.argv[3], "w").write("go")
+print(f"{n} INCRs, {errors} errors, worst reply {worst*1000:.0f} ms, final {r.decode().strip()}")
+PY
+rm -rf "$TMP/tb" "$TMP/go"
+ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
+ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
+wait_port $VM 6379
+ip netns exec $LAB-client python3 "$TMP/incr.py" $VM 3000 "$TMP/go" & c=$!
+for _ in $(seq 200); do [[ -e "$TMP/go" ]] && break; sleep 0.05; done
+kill -9 $pa
+wait $c
+stop $pb
