@@ -63,11 +63,20 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
             print!("{HELP}");
             Ok(0)
         }
-        other => Err(Failure::usage(format!("unknown command `{other}` (see `ftvm help`)"))),
+        other => Err(Failure::usage(format!(
+            "unknown command `{other}` (see `ftvm help`)"
+        ))),
     }
 }
 
-const VM_OPTIONS: &[&str] = &["dir", "env", "memory-max-mib", "checkpoint-events", "nic", "listen"];
+const VM_OPTIONS: &[&str] = &[
+    "dir",
+    "env",
+    "memory-max-mib",
+    "checkpoint-events",
+    "nic",
+    "listen",
+];
 const VM_FLAGS: &[&str] = &["fuel"];
 
 /// Reads the module file.
@@ -77,7 +86,10 @@ pub fn read_module(path: &str) -> Result<(String, Vec<u8>), Failure> {
         message: format!("cannot read module {path}: {e}"),
         detail: String::new(),
     })?;
-    let name = Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.to_string());
+    let name = Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string());
     Ok((name, bytes))
 }
 
@@ -88,7 +100,9 @@ fn parse_dirs(p: &Parsed) -> Result<Vec<(PathBuf, String)>, Failure> {
         .map(|d| {
             let (host, guest) = d.split_once("::").unwrap_or((d.as_str(), d.as_str()));
             if host.is_empty() || guest.is_empty() {
-                return Err(Failure::usage(format!("--dir {d:?}: expected HOST_DIR::GUEST_DIR")));
+                return Err(Failure::usage(format!(
+                    "--dir {d:?}: expected HOST_DIR::GUEST_DIR"
+                )));
             }
             Ok((PathBuf::from(host), guest.to_string()))
         })
@@ -96,11 +110,17 @@ fn parse_dirs(p: &Parsed) -> Result<Vec<(PathBuf, String)>, Failure> {
 }
 
 /// Builds the VM definition from command-line options.
-pub fn spec_from_options(p: &Parsed, name: &str, guest_args: &[String]) -> Result<(VmSpec, Vec<PathBuf>), Failure> {
+pub fn spec_from_options(
+    p: &Parsed,
+    name: &str,
+    guest_args: &[String],
+) -> Result<(VmSpec, Vec<PathBuf>), Failure> {
     let dirs = parse_dirs(p)?;
     let mut env = Vec::new();
     for kv in p.all("env") {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Failure::usage(format!("--env {kv:?}: expected K=V")))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(format!("--env {kv:?}: expected K=V")))?;
         env.push((k.to_string(), v.to_string()));
     }
     let mut limits = Limits::default();
@@ -117,7 +137,10 @@ pub fn spec_from_options(p: &Parsed, name: &str, guest_args: &[String]) -> Resul
     };
     let mut listeners = Vec::new();
     for port in p.all("listen") {
-        listeners.push(port.parse::<u16>().map_err(|_| Failure::usage(format!("--listen {port:?}: expected a TCP port")))?);
+        listeners.push(
+            port.parse::<u16>()
+                .map_err(|_| Failure::usage(format!("--listen {port:?}: expected a TCP port")))?,
+        );
     }
     let mut args = vec![name.to_string()];
     args.extend(guest_args.iter().cloned());
@@ -151,7 +174,12 @@ fn run(args: &[String]) -> Result<i32, Failure> {
     };
     let (name, bytes) = read_module(module)?;
     let (spec, dirs) = spec_from_options(&p, &name, guest_args)?;
-    let image = VmImage { name, module_bytes: bytes, spec, dirs };
+    let image = VmImage {
+        name,
+        module_bytes: bytes,
+        spec,
+        dirs,
+    };
     let sink: Box<dyn LogSink> = match p.one("record") {
         Some(path) => Box::new(FileSink::create(Path::new(&path), &image.header()?)?),
         None => Box::new(NullSink),
@@ -161,11 +189,12 @@ fn run(args: &[String]) -> Result<i32, Failure> {
     let attachment = match p.one("nic") {
         Some(text) => {
             let nic = crate::vmdef::parse_nic_option(&text)?;
-            let att = crate::nic::Nic::open(&nic.tap, nic.fault.as_deref()).map_err(|e| Failure {
-                code: exit_code::IO,
-                message: format!("cannot attach to TAP device {}: {e}", nic.tap),
-                detail: String::new(),
-            })?;
+            let att =
+                crate::nic::Nic::open(&nic.tap, nic.fault.as_deref()).map_err(|e| Failure {
+                    code: exit_code::IO,
+                    message: format!("cannot attach to TAP device {}: {e}", nic.tap),
+                    detail: String::new(),
+                })?;
             Some(att)
         }
         None => None,
@@ -178,7 +207,12 @@ fn run(args: &[String]) -> Result<i32, Failure> {
     });
     let (control_tx, control_rx) = crossbeam_channel::bounded(4);
     let _power_off = crate::ft::install_power_off_signal(control_tx);
-    let gate = Gate::record(sink, World::new(frames_rx, Some(control_rx)), Box::new(ConsolePort { frames: frames_out }), checkpoint_events);
+    let gate = Gate::record(
+        sink,
+        World::new(frames_rx, Some(control_rx)),
+        Box::new(ConsolePort { frames: frames_out }),
+        checkpoint_events,
+    );
     let mut vm = Vm::boot(&image, gate)?;
     let outcome = vm.run();
     drop(attachment);
@@ -188,7 +222,9 @@ fn run(args: &[String]) -> Result<i32, Failure> {
 fn replay(args: &[String]) -> Result<i32, Failure> {
     let p = parse(args, &["dir"], &["quiet"], false)?;
     let [log, module] = p.positional.as_slice() else {
-        return Err(Failure::usage("usage: ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... MODULE"));
+        return Err(Failure::usage(
+            "usage: ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... MODULE",
+        ));
     };
     let (name, bytes) = read_module(module)?;
     let source = FileSource::open(Path::new(log))?;
@@ -198,15 +234,30 @@ fn replay(args: &[String]) -> Result<i32, Failure> {
     let mut host_dirs = Vec::new();
     for guest in &spec.preopens {
         let Some((host, _)) = dirs.iter().find(|(_, g)| g == guest) else {
-            return Err(Failure::usage(format!("the log preopens {guest}: pass --dir HOST_DIR::{guest}")));
+            return Err(Failure::usage(format!(
+                "the log preopens {guest}: pass --dir HOST_DIR::{guest}"
+            )));
         };
         host_dirs.push(host.clone());
     }
-    let image = VmImage { name, module_bytes: bytes, spec, dirs: host_dirs };
+    let image = VmImage {
+        name,
+        module_bytes: bytes,
+        spec,
+        dirs: host_dirs,
+    };
     image.check_log_header(source.header())?;
-    let port: Box<dyn ftvm_vm::OutputPort> =
-        if p.flag("quiet") { Box::new(DropOutputs) } else { Box::new(ConsolePort { frames: None }) };
-    let gate = Gate::replay(Box::new(source), None, port, image.spec.limits.checkpoint_events);
+    let port: Box<dyn ftvm_vm::OutputPort> = if p.flag("quiet") {
+        Box::new(DropOutputs)
+    } else {
+        Box::new(ConsolePort { frames: None })
+    };
+    let gate = Gate::replay(
+        Box::new(source),
+        None,
+        port,
+        image.spec.limits.checkpoint_events,
+    );
     let mut vm = Vm::boot(&image, gate)?;
     finish(vm.run())
 }
@@ -222,7 +273,11 @@ fn inspect(args: &[String]) -> Result<i32, Failure> {
         message: format!("cannot open {log}: {e}"),
         detail: String::new(),
     })?;
-    let bad = |e: ftvm_log::LogError| Failure { code: exit_code::BAD_LOG, message: format!("{log}: {e}"), detail: String::new() };
+    let bad = |e: ftvm_log::LogError| Failure {
+        code: exit_code::BAD_LOG,
+        message: format!("{log}: {e}"),
+        detail: String::new(),
+    };
     let mut reader = LogReader::open(std::io::BufReader::new(file)).map_err(bad)?;
     let h = reader.header().clone();
     println!("log {log}");
@@ -263,7 +318,11 @@ fn inspect(args: &[String]) -> Result<i32, Failure> {
             Err(e) => break Some(e),
         }
     };
-    println!("summary: {} entries, {} bytes", reader.last_seq(), reader.offset());
+    println!(
+        "summary: {} entries, {} bytes",
+        reader.last_seq(),
+        reader.offset()
+    );
     for (kind, (n, bytes)) in counts {
         println!("  {kind:<24} {n:>10} entries {bytes:>12} bytes");
     }

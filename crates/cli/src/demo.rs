@@ -30,22 +30,228 @@ impl Drop for Killer {
 }
 
 pub fn main(args: &[String]) -> Result<i32, Failure> {
-    let p = parse(args, &["guest"], &[], false)?;
+    let p = parse(args, &["guest"], &["console"], false)?;
     let exe = std::env::current_exe().map_err(|e| Failure::usage(e.to_string()))?;
-    let guest = match p.one("guest") {
-        Some(g) => PathBuf::from(g),
-        None => exe
-            .parent()
+    let find = |name: &str| {
+        exe.parent()
             .and_then(|d| d.parent())
             .and_then(|d| d.parent())
-            .map(|root| root.join("guests/build/sleeper.wasm"))
+            .map(|root| root.join("guests/build").join(name))
             .filter(|g| g.exists())
-            .ok_or_else(|| Failure::usage("guests/build/sleeper.wasm not found: run scripts/setup.sh, or pass --guest"))?,
+            .ok_or_else(|| {
+                Failure::usage(format!(
+                    "guests/build/{name} not found: run scripts/setup.sh"
+                ))
+            })
     };
     let dir = tempdir()?;
-    let result = run_console_demo(&exe, &guest, &dir);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let result = if p.flag("console") || !root {
+        if !root {
+            println!("(not root: no lab; running the console demo on loopback instead)");
+        }
+        let guest = match p.one("guest") {
+            Some(g) => PathBuf::from(g),
+            None => find("sleeper.wasm")?,
+        };
+        run_console_demo(&exe, &guest, &dir)
+    } else {
+        run_lab_demo(&exe, &find("kv.wasm")?, &dir)
+    };
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Requests the demo's client sends, one at a time.
+const LAB_DEMO_REQUESTS: u64 = 6000;
+
+/// The paper's demo: the KV guest as a pair in the lab, a client counting INCRs, SIGKILL.
+fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
+    use std::io::{Read, Write};
+    let name = format!("demo{}", std::process::id() % 10000);
+    let subnet = 100;
+    println!(
+        "ftvm demo: building the lab {name} (198.18.{subnet}.0/24: client, host-a, host-b, host-c)"
+    );
+    let lab = crate::lab::Lab::up(&name, subnet).map_err(Failure::usage)?;
+    for host in ["host-a", "host-b"] {
+        lab.add_tap(host, "tap0").map_err(Failure::usage)?;
+    }
+    let vm_ip = crate::lab::vm_ip(subnet, 0);
+    let host_a = crate::lab::host_ip(subnet, "host-a");
+    let vm = dir.join("kv.toml");
+    std::fs::write(
+        &vm,
+        format!("name = \"demo-kv\"\nmodule = \"{}\"\nlisten = [6379]\n[nic]\nmac = \"02:f7:00:00:64:50\"\nip = \"{vm_ip}/24\"\n", kv.display()),
+    )
+    .map_err(|e| Failure::usage(e.to_string()))?;
+    let tb = format!("dir:{}", dir.join("tiebreak").display());
+    println!("ftvm demo: tiebreaker {tb}; KV guest primary on host-a, backup on host-b, VM address {vm_ip}");
+    let spawn = |host: &str, role: &str| {
+        lab.exec(host, exe.to_str().unwrap_or("ftvm"))
+            .args([
+                "ft",
+                "--vm",
+                vm.to_str().unwrap(),
+                "--as",
+                role,
+                "--log",
+                &format!("{host_a}:7400"),
+                "--tiebreak",
+                &tb,
+                "--tap",
+                "tap0",
+            ])
+            .args([
+                "--owner",
+                &format!("demo-{role}"),
+                "--status-file",
+                dir.join(format!("{role}.json")).to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Failure::usage(format!("cannot start {}: {e}", exe.display())))
+    };
+    let mut procs = Killer(vec![
+        spawn("host-a", "primary")?,
+        spawn("host-b", "backup")?,
+    ]);
+    let (tx, _rx) = mpsc::channel();
+    follow(&mut procs.0[0], "primary", tx.clone());
+    follow(&mut procs.0[1], "backup", tx);
+    let status = dir.join("primary.json");
+    let start = Instant::now();
+    while !status.exists() {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(Failure::usage("the pair did not start within 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The client, in the client namespace: INCR one at a time, timing every reply.
+    let ns = crate::lab::netns(&name, "client");
+    let addr = format!("{vm_ip}:6379");
+    let (progress_tx, progress_rx) = mpsc::channel::<u64>();
+    let client = std::thread::spawn(move || -> Result<(u64, i64, u64, Duration), String> {
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| e.to_string())?;
+        // SAFETY: setns on this thread only, with a valid namespace fd.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let deadline = Instant::now() + Duration::from_secs(DEMO_TIMEOUT_S);
+        let mut s = loop {
+            match std::net::TcpStream::connect_timeout(
+                &addr.parse().unwrap(),
+                Duration::from_millis(500),
+            ) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let (mut acked, mut last, mut errors, mut worst) = (0u64, 0i64, 0u64, Duration::ZERO);
+        let mut buf = [0u8; 64];
+        for i in 0..LAB_DEMO_REQUESTS {
+            let t = Instant::now();
+            if s.write_all(b"*2\r\n$4\r\nINCR\r\n$4\r\ndemo\r\n").is_err() {
+                errors += 1;
+                break;
+            }
+            let mut reply = Vec::new();
+            while !reply.ends_with(b"\r\n") {
+                match s.read(&mut buf) {
+                    Ok(n) if n > 0 => reply.extend_from_slice(&buf[..n]),
+                    _ => return Ok((acked, last, errors + 1, worst)),
+                }
+            }
+            worst = worst.max(t.elapsed());
+            match std::str::from_utf8(&reply)
+                .ok()
+                .and_then(|r| r.trim().strip_prefix(':'))
+                .and_then(|v| v.parse().ok())
+            {
+                Some(v) => {
+                    acked += 1;
+                    last = v;
+                }
+                None => errors += 1,
+            }
+            if i % 500 == 0 {
+                let _ = progress_tx.send(acked);
+            }
+        }
+        Ok((acked, last, errors, worst))
+    });
+    // Kill the primary a third of the way through.
+    let mut killed_at = None;
+    while let Ok(acked) = progress_rx.recv_timeout(Duration::from_secs(DEMO_TIMEOUT_S)) {
+        println!("  client | {acked} INCRs acknowledged");
+        if killed_at.is_none() && acked >= LAB_DEMO_REQUESTS / 3 {
+            let bandwidth = std::fs::read_to_string(&status)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            if let Some(b) = bandwidth {
+                println!(
+                    "  status | primary epoch {} log bandwidth {:.2} Mbit/s, outputs held {}",
+                    b["epoch"],
+                    b["log_bandwidth_bps"].as_u64().unwrap_or(0) as f64 / 1e6,
+                    b["outputs_held"]
+                );
+            }
+            println!("  ------ | SIGKILL to the primary on host-a");
+            let _ = procs.0[0].kill();
+            killed_at = Some(Instant::now());
+        }
+    }
+    let (acked, last, errors, worst) = client
+        .join()
+        .map_err(|_| Failure::usage("client thread panicked"))?
+        .map_err(Failure::usage)?;
+    std::thread::sleep(Duration::from_millis(300));
+    println!();
+    println!("report");
+    println!("  requests sent          {LAB_DEMO_REQUESTS}");
+    println!("  acknowledged           {acked}");
+    println!("  client errors          {errors}");
+    println!(
+        "  counter on the server  {last} (acknowledged writes lost: {})",
+        acked.saturating_sub(last.max(0) as u64)
+    );
+    println!(
+        "  client-visible stall   {} ms (longest wait for one reply)",
+        worst.as_millis()
+    );
+    if let Some(b) = std::fs::read_to_string(dir.join("backup.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        println!(
+            "  backup status          role {} epoch {}",
+            b["role"].as_str().unwrap_or("?"),
+            b["epoch"]
+        );
+    }
+    let ok =
+        errors == 0 && acked == LAB_DEMO_REQUESTS && last as u64 >= acked && killed_at.is_some();
+    println!(
+        "  verdict                {}",
+        if ok {
+            "the clients never noticed the failure"
+        } else {
+            "FAILED"
+        }
+    );
+    drop(procs);
+    drop(lab);
+    println!("ftvm demo: lab {name} removed");
+    Ok(if ok { 0 } else { 1 })
 }
 
 fn tempdir() -> Result<PathBuf, Failure> {
@@ -76,15 +282,36 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
     let vm = dir.join("demo.toml");
     std::fs::write(
         &vm,
-        format!("name = \"demo\"\nmodule = \"{}\"\nargs = [\"{DEMO_LINES}\", \"{DEMO_LINE_MS}\"]\n", guest.display()),
+        format!(
+            "name = \"demo\"\nmodule = \"{}\"\nargs = [\"{DEMO_LINES}\", \"{DEMO_LINE_MS}\"]\n",
+            guest.display()
+        ),
     )
     .map_err(|e| Failure::usage(e.to_string()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| Failure::usage(e.to_string()))?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| Failure::usage(e.to_string()))?
+        .port();
     let tb = format!("dir:{}", dir.join("tiebreak").display());
     let spawn = |role: &str, status: &str| {
         Command::new(exe)
-            .args(["ft", "--vm", vm.to_str().unwrap(), "--as", role, "--log", &format!("127.0.0.1:{port}"), "--tiebreak", &tb])
-            .args(["--owner", &format!("demo-{role}"), "--status-file", dir.join(status).to_str().unwrap()])
+            .args([
+                "ft",
+                "--vm",
+                vm.to_str().unwrap(),
+                "--as",
+                role,
+                "--log",
+                &format!("127.0.0.1:{port}"),
+                "--tiebreak",
+                &tb,
+            ])
+            .args([
+                "--owner",
+                &format!("demo-{role}"),
+                "--status-file",
+                dir.join(status).to_str().unwrap(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -92,7 +319,10 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
             .map_err(|e| Failure::usage(format!("cannot start {}: {e}", exe.display())))
     };
     println!("ftvm demo: a guest printing {DEMO_LINES} numbered lines, {DEMO_LINE_MS} ms apart, as a fault-tolerant pair");
-    let mut procs = Killer(vec![spawn("primary", "primary.json")?, spawn("backup", "backup.json")?]);
+    let mut procs = Killer(vec![
+        spawn("primary", "primary.json")?,
+        spawn("backup", "backup.json")?,
+    ]);
     let (tx, rx) = mpsc::channel();
     follow(&mut procs.0[0], "primary", tx.clone());
     follow(&mut procs.0[1], "backup", tx);
@@ -108,7 +338,11 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
             continue;
         };
         println!("  {tag:>7} | {line}");
-        if let Some(n) = line.strip_prefix("i=").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()) {
+        if let Some(n) = line
+            .strip_prefix("i=")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+        {
             lines.push((tag, at, n));
         }
         if killed_at.is_none() && lines.len() >= DEMO_KILL_AFTER_LINES {
@@ -134,8 +368,12 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
     };
     println!();
     println!("report");
-    println!("  lines printed          {} of {DEMO_LINES} (primary {}, backup after going live {})", numbers.len(),
-        lines.iter().filter(|l| l.0 == "primary").count(), lines.iter().filter(|l| l.0 == "backup").count());
+    println!(
+        "  lines printed          {} of {DEMO_LINES} (primary {}, backup after going live {})",
+        numbers.len(),
+        lines.iter().filter(|l| l.0 == "primary").count(),
+        lines.iter().filter(|l| l.0 == "backup").count()
+    );
     println!("  lines repeated         {repeats}");
     println!("  lines lost             {missing} (console bytes the dead primary still held under the Output Rule)");
     if let Some(s) = stall {
@@ -143,14 +381,34 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
     }
     if let Some(k) = killed_at {
         if let Some(b) = first_backup {
-            println!("  kill to first output   {} ms", b.saturating_duration_since(k).as_millis());
+            println!(
+                "  kill to first output   {} ms",
+                b.saturating_duration_since(k).as_millis()
+            );
         }
     }
-    if let Some(s) = status_before_kill.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
-        println!("  log bandwidth          {:.3} Mbit/s before the kill", s["log_bandwidth_bps"].as_u64().unwrap_or(0) as f64 / 1e6);
+    if let Some(s) =
+        status_before_kill.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        println!(
+            "  log bandwidth          {:.3} Mbit/s before the kill",
+            s["log_bandwidth_bps"].as_u64().unwrap_or(0) as f64 / 1e6
+        );
     }
-    println!("  backup exit code       {}", backup_code.map(|c| c.to_string()).unwrap_or_else(|| "none".into()));
+    println!(
+        "  backup exit code       {}",
+        backup_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "none".into())
+    );
     let ok = backup_code == Some(0) && repeats == 0 && missing <= 1;
-    println!("  verdict                {}", if ok { "the guest survived the failure" } else { "FAILED" });
+    println!(
+        "  verdict                {}",
+        if ok {
+            "the guest survived the failure"
+        } else {
+            "FAILED"
+        }
+    );
     Ok(if ok { 0 } else { 1 })
 }

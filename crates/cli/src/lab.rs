@@ -40,24 +40,44 @@ pub fn netns(name: &str, host: &str) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip: {e} (install iproute2)"))?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e} (install iproute2)"))?;
     if !out.status.success() {
-        return Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(["netns", "exec", ns]).args(args).output().map_err(|e| e.to_string())?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
     if !out.status.success() {
-        return Err(format!("in {ns}: {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "in {ns}: {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
 
 fn valid_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > LAB_NAME_BYTES_MAX || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("lab name {name:?}: 1 to {LAB_NAME_BYTES_MAX} letters, digits or '-'"));
+    if name.is_empty()
+        || name.len() > LAB_NAME_BYTES_MAX
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!(
+            "lab name {name:?}: 1 to {LAB_NAME_BYTES_MAX} letters, digits or '-'"
+        ));
     }
     Ok(())
 }
@@ -77,7 +97,11 @@ impl Lab {
         }
         // A crashed earlier run with the same name leaves namespaces behind: clear them first.
         Lab::down(name);
-        let lab = Lab { name: name.to_string(), subnet, keep: false };
+        let lab = Lab {
+            name: name.to_string(),
+            subnet,
+            keep: false,
+        };
         lab.build()?;
         Ok(lab)
     }
@@ -87,7 +111,19 @@ impl Lab {
         ip(&["netns", "add", &sw])?;
         in_ns(&sw, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
         ip(&["-n", &sw, "link", "set", "lo", "up"])?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        ip(&[
+            "-n",
+            &sw,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
         for (i, host) in HOSTS.iter().enumerate() {
             let ns = netns(&self.name, host);
@@ -95,14 +131,29 @@ impl Lab {
             in_ns(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             let port = format!("p{i}");
-            ip(&["-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&[
+                "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns",
+                &sw,
+            ])?;
             ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
             let addr = format!("{}/24", host_ip(self.subnet, host));
             if *host == "client" {
                 ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"])?;
                 ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             } else {
-                ip(&["-n", &ns, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+                ip(&[
+                    "-n",
+                    &ns,
+                    "link",
+                    "add",
+                    "br0",
+                    "type",
+                    "bridge",
+                    "stp_state",
+                    "0",
+                    "forward_delay",
+                    "0",
+                ])?;
                 ip(&["-n", &ns, "link", "set", "eth0", "master", "br0", "up"])?;
                 ip(&["-n", &ns, "addr", "add", &addr, "dev", "br0"])?;
                 ip(&["-n", &ns, "link", "set", "br0", "up"])?;
@@ -132,7 +183,9 @@ impl Lab {
     /// Removes every namespace of lab `name` (and with them their links). Idempotent.
     pub fn down(name: &str) {
         for host in HOSTS.iter().chain(std::iter::once(&"switch")) {
-            let _ = Command::new("ip").args(["netns", "del", &netns(name, host)]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &netns(name, host)])
+                .output();
         }
     }
 }
@@ -154,7 +207,12 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         Some("up") => {
             let lab = Lab::up(&name, subnet).map_err(Failure::usage)?;
             for host in HOSTS {
-                println!("{:<8} netns {:<20} {}", host, netns(&name, host), host_ip(subnet, host));
+                println!(
+                    "{:<8} netns {:<20} {}",
+                    host,
+                    netns(&name, host),
+                    host_ip(subnet, host)
+                );
             }
             println!("VMs: 198.18.{subnet}.50 and up; add a TAP with `ip -n {} tuntap add dev tap0 mode tap` + `ip -n {} link set tap0 master br0 up`", netns(&name, "host-a"), netns(&name, "host-a"));
             lab.keep();
@@ -164,6 +222,8 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
             Lab::down(&name);
             Ok(0)
         }
-        _ => Err(Failure::usage("usage: ftvm lab up|down [--name NAME] [--subnet I]")),
+        _ => Err(Failure::usage(
+            "usage: ftvm lab up|down [--name NAME] [--subnet I]",
+        )),
     }
 }

@@ -57,16 +57,28 @@ pub struct NicTx {
 
 fn open_tap(name: &str) -> std::io::Result<OwnedFd> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "TAP name must be 1 to 15 bytes"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "TAP name must be 1 to 15 bytes",
+        ));
     }
     // SAFETY: a NUL-terminated path literal; the returned fd is checked below.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    let fd = unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a freshly opened descriptor that we own from here on.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI,
+        _pad: [0; 22],
+    };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes an `ifreq`, whose layout `IfReq` matches (name, flags, padding).
     let rc = unsafe { libc::ioctl(owned.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
@@ -83,19 +95,29 @@ impl Nic {
             Some(spec) => Some(Faults::parse(spec)?),
             None => None,
         };
-        let fd = Arc::new(open_tap(tap).map_err(|e| format!("{e} (needs root or CAP_NET_ADMIN, and the device in this network namespace)"))?);
+        let fd = Arc::new(open_tap(tap).map_err(|e| {
+            format!("{e} (needs root or CAP_NET_ADMIN, and the device in this network namespace)")
+        })?);
         let (tx, rx) = bounded(NIC_QUEUE_FRAMES_MAX);
         let enabled = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(NicStats::default());
         let reader = {
-            let (fd, enabled, stop, stats) = (fd.clone(), enabled.clone(), stop.clone(), stats.clone());
+            let (fd, enabled, stop, stats) =
+                (fd.clone(), enabled.clone(), stop.clone(), stats.clone());
             std::thread::Builder::new()
                 .name(format!("ftvm-tap-{tap}"))
                 .spawn(move || read_loop(fd, tx, enabled, stop, stats, faults))
                 .map_err(|e| e.to_string())?
         };
-        Ok(Nic { fd, rx, enabled, stop, stats, reader: Some(reader) })
+        Ok(Nic {
+            fd,
+            rx,
+            enabled,
+            stop,
+            stats,
+            reader: Some(reader),
+        })
     }
 
     pub fn receiver(&self) -> Receiver<Vec<u8>> {
@@ -103,7 +125,10 @@ impl Nic {
     }
 
     pub fn transmitter(&self) -> NicTx {
-        NicTx { fd: self.fd.clone(), stats: self.stats.clone() }
+        NicTx {
+            fd: self.fd.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// A backup attaches deaf: inbound frames are discarded until go-live.
@@ -145,7 +170,9 @@ impl NicTx {
                 std::io::ErrorKind::WouldBlock => {
                     wait_fd(self.fd.as_raw_fd(), libc::POLLOUT, 10);
                     // SAFETY: as above.
-                    let n = unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+                    let n = unsafe {
+                        libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len())
+                    };
                     if n >= 0 {
                         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
                     }
@@ -158,12 +185,23 @@ impl NicTx {
 }
 
 fn wait_fd(fd: i32, events: libc::c_short, ms: i32) -> bool {
-    let mut p = libc::pollfd { fd, events, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut p, 1, ms) > 0 }
 }
 
-fn read_loop(fd: Arc<OwnedFd>, tx: Sender<Vec<u8>>, enabled: Arc<AtomicBool>, stop: Arc<AtomicBool>, stats: Arc<NicStats>, mut faults: Option<Faults>) {
+fn read_loop(
+    fd: Arc<OwnedFd>,
+    tx: Sender<Vec<u8>>,
+    enabled: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<NicStats>,
+    mut faults: Option<Faults>,
+) {
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::SeqCst) {
         if !wait_fd(fd.as_raw_fd(), libc::POLLIN, READER_POLL_MS) {
@@ -218,17 +256,44 @@ pub struct Faults {
 impl Faults {
     /// `drop=0.05,dup=0.01,reorder=0.01,delay=5,seed=7` (any subset).
     pub fn parse(spec: &str) -> Result<Faults, String> {
-        let mut f = Faults { drop: 0.0, dup: 0.0, reorder: 0.0, delay_ms: 0, state: 0x9e37_79b9_7f4a_7c15, held: None };
+        let mut f = Faults {
+            drop: 0.0,
+            dup: 0.0,
+            reorder: 0.0,
+            delay_ms: 0,
+            state: 0x9e37_79b9_7f4a_7c15,
+            held: None,
+        };
         for part in spec.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| format!("fault {part:?}: expected KEY=VALUE"))?;
-            let prob = || v.parse::<f64>().ok().filter(|p| (0.0..=1.0).contains(p)).ok_or_else(|| format!("fault {k}={v}: expected a probability 0..1"));
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("fault {part:?}: expected KEY=VALUE"))?;
+            let prob = || {
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=1.0).contains(p))
+                    .ok_or_else(|| format!("fault {k}={v}: expected a probability 0..1"))
+            };
             match k {
                 "drop" => f.drop = prob()?,
                 "dup" => f.dup = prob()?,
                 "reorder" => f.reorder = prob()?,
-                "delay" => f.delay_ms = v.parse().map_err(|_| format!("fault delay={v}: expected milliseconds"))?,
-                "seed" => f.state = v.parse::<u64>().map_err(|_| format!("fault seed={v}: expected a number"))? | 1,
-                other => return Err(format!("unknown fault {other:?} (drop, dup, reorder, delay, seed)")),
+                "delay" => {
+                    f.delay_ms = v
+                        .parse()
+                        .map_err(|_| format!("fault delay={v}: expected milliseconds"))?
+                }
+                "seed" => {
+                    f.state = v
+                        .parse::<u64>()
+                        .map_err(|_| format!("fault seed={v}: expected a number"))?
+                        | 1
+                }
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?} (drop, dup, reorder, delay, seed)"
+                    ))
+                }
             }
         }
         Ok(f)
@@ -278,15 +343,24 @@ mod tests {
     fn faults_are_seeded_and_roughly_at_their_rates() {
         let stats = NicStats::default();
         let run = |seed: u64| {
-            let mut f = Faults::parse(&format!("drop=0.05,dup=0.01,reorder=0.01,seed={seed}")).unwrap();
-            (0..100_000u32).flat_map(|i| f.apply(i.to_le_bytes().to_vec(), &stats)).collect::<Vec<_>>()
+            let mut f =
+                Faults::parse(&format!("drop=0.05,dup=0.01,reorder=0.01,seed={seed}")).unwrap();
+            (0..100_000u32)
+                .flat_map(|i| f.apply(i.to_le_bytes().to_vec(), &stats))
+                .collect::<Vec<_>>()
         };
         let a = run(7);
         assert_eq!(a, run(7), "same seed, same frames");
         assert_ne!(a, run(8));
         let n = a.len() as f64;
         assert!((n - 100_000.0 * 0.96).abs() < 1500.0, "delivered {n}");
-        let reordered = a.windows(2).filter(|w| u32::from_le_bytes(w[1][..4].try_into().unwrap()) < u32::from_le_bytes(w[0][..4].try_into().unwrap())).count();
+        let reordered = a
+            .windows(2)
+            .filter(|w| {
+                u32::from_le_bytes(w[1][..4].try_into().unwrap())
+                    < u32::from_le_bytes(w[0][..4].try_into().unwrap())
+            })
+            .count();
         assert!(reordered > 500, "reordered {reordered}");
         assert!(Faults::parse("drop=2").is_err());
         assert!(Faults::parse("bogus=1").is_err());

@@ -13,7 +13,11 @@ pub struct Failure {
 
 impl Failure {
     pub fn usage(message: impl Into<String>) -> Failure {
-        Failure { code: exit_code::USAGE, message: message.into(), detail: String::new() }
+        Failure {
+            code: exit_code::USAGE,
+            message: message.into(),
+            detail: String::new(),
+        }
     }
 }
 
@@ -23,7 +27,11 @@ impl From<ftvm_vm::VmError> for Failure {
             ftvm_vm::VmError::Trap { backtrace, .. } => backtrace.clone(),
             _ => String::new(),
         };
-        Failure { code: e.exit_code(), message: e.to_string(), detail }
+        Failure {
+            code: e.exit_code(),
+            message: e.to_string(),
+            detail,
+        }
     }
 }
 
@@ -35,8 +43,17 @@ pub struct Parsed {
     pub positional: Vec<String>,
 }
 
-pub fn parse(args: &[String], with_value: &[&str], flags: &[&str], stop_at_positional: bool) -> Result<Parsed, Failure> {
-    let mut parsed = Parsed { options: Vec::new(), flags: Vec::new(), positional: Vec::new() };
+pub fn parse(
+    args: &[String],
+    with_value: &[&str],
+    flags: &[&str],
+    stop_at_positional: bool,
+) -> Result<Parsed, Failure> {
+    let mut parsed = Parsed {
+        options: Vec::new(),
+        flags: Vec::new(),
+        positional: Vec::new(),
+    };
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -54,14 +71,18 @@ pub fn parse(args: &[String], with_value: &[&str], flags: &[&str], stop_at_posit
                     Some(v) => v,
                     None => {
                         i += 1;
-                        args.get(i).cloned().ok_or_else(|| Failure::usage(format!("--{name} needs a value")))?
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| Failure::usage(format!("--{name} needs a value")))?
                     }
                 };
                 parsed.options.push((name.to_string(), value));
             } else if flags.contains(&name) && inline.is_none() {
                 parsed.flags.push(name.to_string());
             } else {
-                return Err(Failure::usage(format!("unknown option --{name} (see `ftvm help`)")));
+                return Err(Failure::usage(format!(
+                    "unknown option --{name} (see `ftvm help`)"
+                )));
             }
             i += 1;
             continue;
@@ -78,10 +99,18 @@ pub fn parse(args: &[String], with_value: &[&str], flags: &[&str], stop_at_posit
 
 impl Parsed {
     pub fn all(&self, name: &str) -> Vec<String> {
-        self.options.iter().filter(|(n, _)| n == name).map(|(_, v)| v.clone()).collect()
+        self.options
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
     pub fn one(&self, name: &str) -> Option<String> {
-        self.options.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+        self.options
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
     }
     pub fn flag(&self, name: &str) -> bool {
         self.flags.iter().any(|f| f == name)
@@ -89,7 +118,10 @@ impl Parsed {
     pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, Failure> {
         match self.one(name) {
             None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| Failure::usage(format!("--{name} {v:?} is not a valid number"))),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| Failure::usage(format!("--{name} {v:?} is not a valid number"))),
         }
     }
 }

@@ -93,7 +93,11 @@ pub struct FtDef {
 
 impl Default for FtDef {
     fn default() -> Self {
-        FtDef { heartbeat_ms: 50, failure_timeout_ms: 1000, lag_target_ms: 100 }
+        FtDef {
+            heartbeat_ms: 50,
+            failure_timeout_ms: 1000,
+            lag_target_ms: 100,
+        }
     }
 }
 
@@ -102,19 +106,33 @@ const VMDEF_BYTES_MAX: u64 = 1 << 20;
 
 impl VmDef {
     pub fn load(path: &Path) -> Result<(VmDef, PathBuf), Failure> {
-        let meta = std::fs::metadata(path).map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
         if meta.len() > VMDEF_BYTES_MAX {
-            return Err(Failure::usage(format!("{} is larger than {VMDEF_BYTES_MAX} bytes", path.display())));
+            return Err(Failure::usage(format!(
+                "{} is larger than {VMDEF_BYTES_MAX} bytes",
+                path.display()
+            )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
-        let def: VmDef = toml::from_str(&text).map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", path.display())))?;
+        let def: VmDef = toml::from_str(&text)
+            .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Ok((def, base))
     }
 
     /// The VM spec and this host's disk directories.
-    pub fn spec(&self, base: &Path, disk_override: &[(PathBuf, String)]) -> Result<(VmSpec, Vec<PathBuf>), Failure> {
-        let module_name = self.module.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    pub fn spec(
+        &self,
+        base: &Path,
+        disk_override: &[(PathBuf, String)],
+    ) -> Result<(VmSpec, Vec<PathBuf>), Failure> {
+        let module_name = self
+            .module
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut args = vec![module_name];
         args.extend(self.args.iter().cloned());
         let mut limits = Limits::default();
@@ -126,7 +144,12 @@ impl VmDef {
         }
         limits.fuel = self.limits.fuel;
         let nic = match &self.nic {
-            Some(n) => Some(parse_nic_parts(&n.mac, &n.ip, n.gateway.as_deref(), n.seed)?),
+            Some(n) => Some(parse_nic_parts(
+                &n.mac,
+                &n.ip,
+                n.gateway.as_deref(),
+                n.seed,
+            )?),
             None => None,
         };
         let mut dirs = Vec::new();
@@ -142,7 +165,11 @@ impl VmDef {
         }
         let spec = VmSpec {
             args,
-            env: self.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             preopens,
             listeners: self.listen.clone(),
             nic,
@@ -156,19 +183,45 @@ impl VmDef {
     }
 }
 
-pub fn parse_nic_parts(mac: &str, ip: &str, gateway: Option<&str>, seed: u64) -> Result<NicSpec, Failure> {
-    let mac = ftvm_log::spec::parse_mac(mac).ok_or_else(|| Failure::usage(format!("bad MAC address {mac:?}")))?;
+pub fn parse_nic_parts(
+    mac: &str,
+    ip: &str,
+    gateway: Option<&str>,
+    seed: u64,
+) -> Result<NicSpec, Failure> {
+    let mac = ftvm_log::spec::parse_mac(mac)
+        .ok_or_else(|| Failure::usage(format!("bad MAC address {mac:?}")))?;
     if mac[0] & 1 != 0 {
-        return Err(Failure::usage("the NIC's MAC must be unicast (lowest bit of the first byte clear)"));
+        return Err(Failure::usage(
+            "the NIC's MAC must be unicast (lowest bit of the first byte clear)",
+        ));
     }
-    let (addr, prefix) = ip.split_once('/').ok_or_else(|| Failure::usage(format!("NIC ip {ip:?}: expected ADDR/PREFIX")))?;
-    let addr: Ipv4Addr = addr.parse().map_err(|_| Failure::usage(format!("bad IPv4 address {addr:?}")))?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| (1..=30).contains(p)).ok_or_else(|| Failure::usage(format!("bad prefix length {prefix:?}")))?;
+    let (addr, prefix) = ip
+        .split_once('/')
+        .ok_or_else(|| Failure::usage(format!("NIC ip {ip:?}: expected ADDR/PREFIX")))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| Failure::usage(format!("bad IPv4 address {addr:?}")))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=30).contains(p))
+        .ok_or_else(|| Failure::usage(format!("bad prefix length {prefix:?}")))?;
     let gateway = match gateway {
-        Some(g) => Some(g.parse::<Ipv4Addr>().map_err(|_| Failure::usage(format!("bad gateway {g:?}")))?.octets()),
+        Some(g) => Some(
+            g.parse::<Ipv4Addr>()
+                .map_err(|_| Failure::usage(format!("bad gateway {g:?}")))?
+                .octets(),
+        ),
         None => None,
     };
-    Ok(NicSpec { mac, ip: addr.octets(), prefix_len: prefix, gateway, seed })
+    Ok(NicSpec {
+        mac,
+        ip: addr.octets(),
+        prefix_len: prefix,
+        gateway,
+        seed,
+    })
 }
 
 /// `--nic tap=NAME,mac=MAC,ip=ADDR/PREFIX[,gw=ADDR][,seed=N][,fault=SPEC]`. Returns the spec, the
@@ -182,19 +235,34 @@ pub struct NicOption {
 pub fn parse_nic_option(text: &str) -> Result<NicOption, Failure> {
     let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
     for part in text.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| Failure::usage(format!("--nic {text:?}: {part:?} is not KEY=VALUE")))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| Failure::usage(format!("--nic {text:?}: {part:?} is not KEY=VALUE")))?;
         if !["tap", "mac", "ip", "gw", "seed", "fault"].contains(&k) {
-            return Err(Failure::usage(format!("--nic: unknown key {k:?} (tap, mac, ip, gw, seed, fault)")));
+            return Err(Failure::usage(format!(
+                "--nic: unknown key {k:?} (tap, mac, ip, gw, seed, fault)"
+            )));
         }
         fields.insert(k, v);
     }
-    let need = |k: &str| fields.get(k).copied().ok_or_else(|| Failure::usage(format!("--nic needs {k}=")));
+    let need = |k: &str| {
+        fields
+            .get(k)
+            .copied()
+            .ok_or_else(|| Failure::usage(format!("--nic needs {k}=")))
+    };
     let seed = match fields.get("seed") {
-        Some(s) => s.parse().map_err(|_| Failure::usage(format!("--nic seed {s:?} is not a number")))?,
+        Some(s) => s
+            .parse()
+            .map_err(|_| Failure::usage(format!("--nic seed {s:?} is not a number")))?,
         None => 1,
     };
     let spec = parse_nic_parts(need("mac")?, need("ip")?, fields.get("gw").copied(), seed)?;
-    Ok(NicOption { spec, tap: need("tap")?.to_string(), fault: fields.get("fault").map(|f| f.replace(';', ",")) })
+    Ok(NicOption {
+        spec,
+        tap: need("tap")?.to_string(),
+        fault: fields.get("fault").map(|f| f.replace(';', ",")),
+    })
 }
 
 #[cfg(test)]
@@ -203,14 +271,23 @@ mod tests {
 
     #[test]
     fn nic_option_parses_and_rejects() {
-        let n = parse_nic_option("tap=tap0,mac=02:00:00:00:00:05,ip=198.18.0.50/24,gw=198.18.0.1,fault=drop=0.05;seed=3").unwrap();
+        let n = parse_nic_option(
+            "tap=tap0,mac=02:00:00:00:00:05,ip=198.18.0.50/24,gw=198.18.0.1,fault=drop=0.05;seed=3",
+        )
+        .unwrap();
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.spec.ip, [198, 18, 0, 50]);
         assert_eq!(n.spec.prefix_len, 24);
         assert_eq!(n.spec.gateway, Some([198, 18, 0, 1]));
         assert_eq!(n.fault.as_deref(), Some("drop=0.05,seed=3"));
-        assert!(parse_nic_option("tap=t,mac=03:00:00:00:00:05,ip=1.2.3.4/24").is_err(), "multicast MAC");
-        assert!(parse_nic_option("tap=t,mac=02:00:00:00:00:05,ip=1.2.3.4").is_err(), "no prefix");
+        assert!(
+            parse_nic_option("tap=t,mac=03:00:00:00:00:05,ip=1.2.3.4/24").is_err(),
+            "multicast MAC"
+        );
+        assert!(
+            parse_nic_option("tap=t,mac=02:00:00:00:00:05,ip=1.2.3.4").is_err(),
+            "no prefix"
+        );
         assert!(parse_nic_option("tap=t,mac=02:00:00:00:00:05,ip=1.2.3.4/24,colour=red").is_err());
     }
 

@@ -16,7 +16,11 @@ use common::*;
 
 /// A free loopback port (bound once to learn it, then released).
 fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process killed (and reaped) on drop, even when the test fails.
@@ -43,7 +47,11 @@ impl Proc {
                 self.child = None;
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "process did not exit within {limit:?}; stderr:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}; stderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -94,19 +102,41 @@ impl Pair {
         let out = self.dir.path().join(format!("{name}.out"));
         let err = self.dir.path().join(format!("{name}.err"));
         let mut cmd = Command::new(ftvm());
-        cmd.args(["ft", "--vm", self.vm.to_str().unwrap(), "--as", role, "--log", &format!("127.0.0.1:{log}")])
-            .args(["--tiebreak", &self.tb, "--owner", name, "--wait-ms", "10000"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap());
-        Proc { child: Some(cmd.spawn().unwrap()), out, err }
+        cmd.args([
+            "ft",
+            "--vm",
+            self.vm.to_str().unwrap(),
+            "--as",
+            role,
+            "--log",
+            &format!("127.0.0.1:{log}"),
+        ])
+        .args([
+            "--tiebreak",
+            &self.tb,
+            "--owner",
+            name,
+            "--wait-ms",
+            "10000",
+        ])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+        Proc {
+            child: Some(cmd.spawn().unwrap()),
+            out,
+            err,
+        }
     }
 
     fn claims(&self) -> Vec<String> {
         let dir = self.dir.path().join("tb/sleeper");
         let mut v: Vec<String> = std::fs::read_dir(dir)
-            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -117,7 +147,10 @@ impl Pair {
 fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -125,13 +158,20 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
 /// The iteration numbers a sleeper printed, in order.
 fn iterations(text: &str) -> Vec<u32> {
     text.lines()
-        .filter_map(|l| l.strip_prefix("i=").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()))
+        .filter_map(|l| {
+            l.strip_prefix("i=")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+        })
         .collect()
 }
 
 fn assert_in_order_no_duplicates(seen: &[u32]) {
     for w in seen.windows(2) {
-        assert!(w[1] > w[0], "console lines repeated or out of order across the failover: {seen:?}");
+        assert!(
+            w[1] > w[0],
+            "console lines repeated or out of order across the failover: {seen:?}"
+        );
     }
 }
 
@@ -141,10 +181,17 @@ fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 8);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 8
+    });
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
-    assert_eq!(backup.wait(Duration::from_secs(30)), 0, "{}", backup.stderr());
+    assert_eq!(
+        backup.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        backup.stderr()
+    );
     assert!(backup.stderr().contains("LIVE"), "{}", backup.stderr());
     let mut seen = iterations(&primary.stdout());
     seen.extend(iterations(&backup.stdout()));
@@ -154,7 +201,10 @@ fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
     assert!(seen.len() >= 39, "lost more than one line: {seen:?}");
     assert_eq!(*seen.last().unwrap(), 39);
     assert!(backup.stdout().contains("sleeper: done"));
-    assert_eq!(pair.claims(), vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]);
+    assert_eq!(
+        pair.claims(),
+        vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]
+    );
 }
 
 #[test]
@@ -163,13 +213,32 @@ fn backup_killed_primary_goes_on_alone() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 5);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 5
+    });
     backup.signal(libc::SIGKILL);
     backup.wait(Duration::from_secs(5));
-    assert_eq!(primary.wait(Duration::from_secs(30)), 0, "{}", primary.stderr());
-    assert_eq!(iterations(&primary.stdout()), (0..30).collect::<Vec<_>>(), "the primary printed every line once");
-    assert!(primary.stderr().contains("going on alone"), "{}", primary.stderr());
-    assert_eq!(pair.claims().len(), 2, "the primary claimed the next epoch before going on alone");
+    assert_eq!(
+        primary.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        iterations(&primary.stdout()),
+        (0..30).collect::<Vec<_>>(),
+        "the primary printed every line once"
+    );
+    assert!(
+        primary.stderr().contains("going on alone"),
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        pair.claims().len(),
+        2,
+        "the primary claimed the next epoch before going on alone"
+    );
 }
 
 #[test]
@@ -179,16 +248,38 @@ fn a_clean_exit_is_not_a_failure() {
     let saved = pair.dir.path().join("primary.log");
     let mut primary = pair.start("a", "primary", log, &["--record", saved.to_str().unwrap()]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    assert_eq!(primary.wait(Duration::from_secs(30)), 0, "{}", primary.stderr());
-    assert_eq!(backup.wait(Duration::from_secs(30)), 0, "{}", backup.stderr());
-    assert!(backup.stderr().contains("(replayed)"), "{}", backup.stderr());
+    assert_eq!(
+        primary.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        backup.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        backup.stderr()
+    );
+    assert!(
+        backup.stderr().contains("(replayed)"),
+        "{}",
+        backup.stderr()
+    );
     // The primary's log, saved to a file, replays the session for debugging.
-    let replay = run(&["replay", saved.to_str().unwrap(), guest("sleeper").to_str().unwrap()]);
+    let replay = run(&[
+        "replay",
+        saved.to_str().unwrap(),
+        guest("sleeper").to_str().unwrap(),
+    ]);
     assert_eq!(code(&replay), 0, "{}", stderr(&replay));
     assert_eq!(String::from_utf8_lossy(&replay.stdout), primary.stdout());
     assert!(!backup.stderr().contains("LIVE"));
     assert_eq!(backup.stdout(), "", "a backup's outputs are dropped");
-    assert_eq!(pair.claims(), vec!["epoch-00000000000000000001"], "nobody claimed a new epoch");
+    assert_eq!(
+        pair.claims(),
+        vec!["epoch-00000000000000000001"],
+        "nobody claimed a new epoch"
+    );
 }
 
 #[test]
@@ -197,12 +288,28 @@ fn power_off_travels_through_the_log_and_stops_both() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 3);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
     primary.signal(libc::SIGTERM);
-    assert_eq!(primary.wait(Duration::from_secs(10)), 0, "{}", primary.stderr());
-    assert_eq!(backup.wait(Duration::from_secs(10)), 0, "{}", backup.stderr());
+    assert_eq!(
+        primary.wait(Duration::from_secs(10)),
+        0,
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        backup.wait(Duration::from_secs(10)),
+        0,
+        "{}",
+        backup.stderr()
+    );
     assert!(primary.stderr().contains("powered off"));
-    assert!(backup.stderr().contains("powered off"), "{}", backup.stderr());
+    assert!(
+        backup.stderr().contains("powered off"),
+        "{}",
+        backup.stderr()
+    );
     assert_eq!(pair.claims().len(), 1);
 }
 
@@ -212,16 +319,32 @@ fn a_paused_primary_never_speaks_after_the_backup_went_live() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 3);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
     primary.signal(libc::SIGSTOP);
     wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
     let before = primary.stdout();
     primary.signal(libc::SIGCONT);
-    assert_eq!(primary.wait(Duration::from_secs(10)), 127, "the stale primary halts: {}", primary.stderr());
-    assert_eq!(primary.stdout(), before, "the stale primary emitted output after the backup went live");
+    assert_eq!(
+        primary.wait(Duration::from_secs(10)),
+        127,
+        "the stale primary halts: {}",
+        primary.stderr()
+    );
+    assert_eq!(
+        primary.stdout(),
+        before,
+        "the stale primary emitted output after the backup went live"
+    );
     assert!(primary.stderr().contains("HALT"));
     backup.signal(libc::SIGTERM);
-    assert_eq!(backup.wait(Duration::from_secs(10)), 0, "{}", backup.stderr());
+    assert_eq!(
+        backup.wait(Duration::from_secs(10)),
+        0,
+        "{}",
+        backup.stderr()
+    );
 }
 
 /// A TCP relay between backup and primary that the test can cut.
@@ -253,7 +376,8 @@ impl Relay {
             for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
                 let flag = flag.clone();
                 std::thread::spawn(move || {
-                    from.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                    from.set_read_timeout(Some(Duration::from_millis(50)))
+                        .unwrap();
                     let mut buf = [0u8; 65536];
                     while !flag.load(Ordering::SeqCst) {
                         match from.read(&mut buf) {
@@ -263,7 +387,9 @@ impl Relay {
                                     break;
                                 }
                             }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::WouldBlock
+                                    || e.kind() == std::io::ErrorKind::TimedOut => {}
                             Err(_) => break,
                         }
                     }
@@ -282,7 +408,13 @@ fn exactly_one_survives(primary: &mut Proc, backup: &mut Proc) {
     let b = backup.wait(Duration::from_secs(60));
     let mut codes = [a, b];
     codes.sort();
-    assert_eq!(codes, [0, 127], "exactly one side lives on: primary {a} ({}), backup {b} ({})", primary.stderr(), backup.stderr());
+    assert_eq!(
+        codes,
+        [0, 127],
+        "exactly one side lives on: primary {a} ({}), backup {b} ({})",
+        primary.stderr(),
+        backup.stderr()
+    );
 }
 
 #[test]
@@ -292,7 +424,9 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
     let relay = Relay::start(log);
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", relay.port, &[]);
-    wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= 5);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 5
+    });
     relay.cut.store(true, Ordering::SeqCst);
     exactly_one_survives(&mut primary, &mut backup);
     assert_eq!(pair.claims().len(), 2, "one new epoch, claimed once");
@@ -306,7 +440,10 @@ fn a_corrupted_log_frame_is_detected_not_applied() {
     let mut backup = pair.start("b", "backup", log, &[]);
     exactly_one_survives(&mut primary, &mut backup);
     let err = backup.stderr();
-    assert!(err.contains("corrupt log-channel frame detected, not applied"), "{err}");
+    assert!(
+        err.contains("corrupt log-channel frame detected, not applied"),
+        "{err}"
+    );
     assert!(err.contains("checksum"), "{err}");
 }
 
@@ -317,7 +454,15 @@ fn a_backup_of_another_vm_is_refused() {
     let log = port();
     let _primary = pair.start("a", "primary", log, &[]);
     let out = Command::new(ftvm())
-        .args(["ft", "--vm", other.vm.to_str().unwrap(), "--as", "backup", "--log", &format!("127.0.0.1:{log}")])
+        .args([
+            "ft",
+            "--vm",
+            other.vm.to_str().unwrap(),
+            "--as",
+            "backup",
+            "--log",
+            &format!("127.0.0.1:{log}"),
+        ])
         .args(["--tiebreak", &pair.tb, "--wait-ms", "5000"])
         .output()
         .unwrap();
@@ -335,14 +480,24 @@ fn kill_rounds(rounds: usize, tiebreak: impl Fn(usize) -> Option<String>) {
         let mut primary = pair.start("a", "primary", log, &[]);
         let mut backup = pair.start("b", "backup", log, &[]);
         let kill_after = 1 + round % 6;
-        wait_until(Duration::from_secs(20), || iterations(&primary.stdout()).len() >= kill_after);
+        wait_until(Duration::from_secs(20), || {
+            iterations(&primary.stdout()).len() >= kill_after
+        });
         primary.signal(libc::SIGKILL);
         primary.wait(Duration::from_secs(5));
-        assert_eq!(backup.wait(Duration::from_secs(30)), 0, "round {round}: {}", backup.stderr());
+        assert_eq!(
+            backup.wait(Duration::from_secs(30)),
+            0,
+            "round {round}: {}",
+            backup.stderr()
+        );
         let mut seen = iterations(&primary.stdout());
         seen.extend(iterations(&backup.stdout()));
         assert_in_order_no_duplicates(&seen);
-        assert!(seen.len() >= 11, "round {round}: lost more than one line: {seen:?}");
+        assert!(
+            seen.len() >= 11,
+            "round {round}: lost more than one line: {seen:?}"
+        );
         assert!(backup.stdout().contains("sleeper: done"), "round {round}");
     }
 }
@@ -357,7 +512,9 @@ fn kill_rounds_with_the_etcd_tiebreaker() {
     let etcd = Etcd::start();
     // One etcd for all rounds and one VM name: each new pair claims the epoch after the last
     // round's, as pairs in a real cluster would.
-    kill_rounds(if soak() { 50 } else { 5 }, |_| Some(format!("etcd:{}", etcd.url)));
+    kill_rounds(if soak() { 50 } else { 5 }, |_| {
+        Some(format!("etcd:{}", etcd.url))
+    });
 }
 
 #[test]
@@ -365,12 +522,24 @@ fn a_lagging_backup_slows_the_primary_down() {
     let pair = Pair::new(300, 2);
     let log = port();
     let status = pair.dir.path().join("a.json");
-    let mut primary = pair.start("a", "primary", log, &["--status-file", status.to_str().unwrap()]);
+    let mut primary = pair.start(
+        "a",
+        "primary",
+        log,
+        &["--status-file", status.to_str().unwrap()],
+    );
     let mut backup = pair.start("b", "backup", log, &["--slow-replay-us", "4000"]);
     let mut max_slowdown = 0;
     let mut max_lag = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while primary.child.as_mut().unwrap().try_wait().unwrap().is_none() {
+    while primary
+        .child
+        .as_mut()
+        .unwrap()
+        .try_wait()
+        .unwrap()
+        .is_none()
+    {
         assert!(Instant::now() < deadline, "primary did not finish");
         if let Ok(text) = std::fs::read_to_string(&status) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -380,8 +549,24 @@ fn a_lagging_backup_slows_the_primary_down() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(primary.wait(Duration::from_secs(1)), 0, "{}", primary.stderr());
-    assert_eq!(backup.wait(Duration::from_secs(60)), 0, "{}", backup.stderr());
-    assert!(max_lag > 100, "the backup was made to lag past the 100 ms target (saw {max_lag} ms)");
-    assert!(max_slowdown > 0, "the primary was slowed down (lag {max_lag} ms, slowdown {max_slowdown}‰)");
+    assert_eq!(
+        primary.wait(Duration::from_secs(1)),
+        0,
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(
+        backup.wait(Duration::from_secs(60)),
+        0,
+        "{}",
+        backup.stderr()
+    );
+    assert!(
+        max_lag > 100,
+        "the backup was made to lag past the 100 ms target (saw {max_lag} ms)"
+    );
+    assert!(
+        max_slowdown > 0,
+        "the primary was slowed down (lag {max_lag} ms, slowdown {max_slowdown}‰)"
+    );
 }

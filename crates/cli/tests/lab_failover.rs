@@ -48,17 +48,42 @@ fn start_pair(lab: &Lab, dir: &Path, tiebreak: &str) -> FtPair {
     };
     let p = common("primary", "a.json");
     let b = common("backup", "b.json");
-    let primary = lab.spawn("host-a", &ftvm(), &p.iter().map(String::as_str).collect::<Vec<_>>(), dir, "primary");
-    let backup = lab.spawn("host-b", &ftvm(), &b.iter().map(String::as_str).collect::<Vec<_>>(), dir, "backup");
+    let primary = lab.spawn(
+        "host-a",
+        &ftvm(),
+        &p.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir,
+        "primary",
+    );
+    let backup = lab.spawn(
+        "host-b",
+        &ftvm(),
+        &b.iter().map(String::as_str).collect::<Vec<_>>(),
+        dir,
+        "backup",
+    );
     // Paired (the VM boots once the backup is there), then serving: a PING through the pair.
     let status = dir.join("a.json");
     wait_until(Duration::from_secs(20), || status.exists());
     let addr = format!("{}:6379", lab.vm_ip());
     let reply = in_netns(&lab.ns("client"), move || command(&addr, &["PING"])).join();
     if reply.is_err() {
-        for (ns, args) in [("client", vec!["neigh"]), ("host-a", vec!["-s", "link", "show", "tap0"]), ("host-a", vec!["link"]), ("switch", vec!["link"])] {
-            let out = std::process::Command::new("ip").args(["-n", &lab.ns(ns)]).args(&args).output().unwrap();
-            eprintln!("{ns}: ip {}:\n{}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+        for (ns, args) in [
+            ("client", vec!["neigh"]),
+            ("host-a", vec!["-s", "link", "show", "tap0"]),
+            ("host-a", vec!["link"]),
+            ("switch", vec!["link"]),
+        ] {
+            let out = std::process::Command::new("ip")
+                .args(["-n", &lab.ns(ns)])
+                .args(&args)
+                .output()
+                .unwrap();
+            eprintln!(
+                "{ns}: ip {}:\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
     }
     assert!(
@@ -78,34 +103,69 @@ fn lab_with_taps(name: &str, subnet: u8) -> Lab {
 }
 
 /// Runs an INCR client, kills `victim` after `kill_after` acked writes, and checks the promise.
-fn incr_through_a_kill(lab: &Lab, pair: &mut FtPair, kill_primary: bool, total: u64, kill_after: u64) -> IncrReport {
+fn incr_through_a_kill(
+    lab: &Lab,
+    pair: &mut FtPair,
+    kill_primary: bool,
+    total: u64,
+    kill_after: u64,
+) -> IncrReport {
     let stop = Arc::new(AtomicBool::new(false));
     let addr = format!("{}:6379", lab.vm_ip());
     let key = format!("counter-{}", lab.name);
     let client = {
         let (addr, key, stop) = (addr.clone(), key.clone(), stop.clone());
-        in_netns(&lab.ns("client"), move || incr_client(addr, key, total, Duration::from_secs(120), stop))
+        in_netns(&lab.ns("client"), move || {
+            incr_client(addr, key, total, Duration::from_secs(120), stop)
+        })
     };
     // Kill once the counter has visibly moved past `kill_after`.
     let probe_addr = addr.clone();
     let probe_key = key.clone();
     wait_until(Duration::from_secs(60), || {
         let (a, k) = (probe_addr.clone(), probe_key.clone());
-        let v = in_netns(&lab.ns("client"), move || command(&a, &["GET", &k])).join().unwrap();
-        v.lines().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0) >= kill_after
+        let v = in_netns(&lab.ns("client"), move || command(&a, &["GET", &k]))
+            .join()
+            .unwrap();
+        v.lines()
+            .nth(1)
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            >= kill_after
     });
-    let victim = if kill_primary { &mut pair.primary } else { &mut pair.backup };
+    let victim = if kill_primary {
+        &mut pair.primary
+    } else {
+        &mut pair.backup
+    };
     victim.signal(libc::SIGKILL);
     victim.wait(Duration::from_secs(10));
     let report = client.join().unwrap();
     stop.store(true, Ordering::SeqCst);
-    assert!(report.errors.is_empty(), "the client saw errors: {:?}", report.errors);
+    assert!(
+        report.errors.is_empty(),
+        "the client saw errors: {:?}",
+        report.errors
+    );
     assert_eq!(report.acked, total, "every request was answered");
     // Every acknowledged INCR is there afterwards.
-    let after = in_netns(&lab.ns("client"), move || command(&addr, &["GET", &key])).join().unwrap();
-    let value: u64 = after.lines().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(value >= report.acked, "acknowledged writes were lost: counter {value}, acked {}", report.acked);
-    assert_eq!(report.last_value as u64, report.acked, "replies counted up one by one");
+    let after = in_netns(&lab.ns("client"), move || command(&addr, &["GET", &key]))
+        .join()
+        .unwrap();
+    let value: u64 = after
+        .lines()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        value >= report.acked,
+        "acknowledged writes were lost: counter {value}, acked {}",
+        report.acked
+    );
+    assert_eq!(
+        report.last_value as u64, report.acked,
+        "replies counted up one by one"
+    );
     report
 }
 
@@ -117,9 +177,20 @@ fn primary_sigkill_during_an_incr_client_loses_no_acknowledged_write() {
     let tb = format!("dir:{}", dir.path().join("tb").display());
     let mut pair = start_pair(&lab, dir.path(), &tb);
     let report = incr_through_a_kill(&lab, &mut pair, true, 3000, 800);
-    eprintln!("client-visible stall across the failover: {} ms", report.max_stall.as_millis());
-    assert!(pair.backup.stderr().contains("LIVE"), "{}", pair.backup.stderr());
-    assert!(report.max_stall < Duration::from_secs(5), "stall {:?}", report.max_stall);
+    eprintln!(
+        "client-visible stall across the failover: {} ms",
+        report.max_stall.as_millis()
+    );
+    assert!(
+        pair.backup.stderr().contains("LIVE"),
+        "{}",
+        pair.backup.stderr()
+    );
+    assert!(
+        report.max_stall < Duration::from_secs(5),
+        "stall {:?}",
+        report.max_stall
+    );
 }
 
 #[test]
@@ -130,7 +201,11 @@ fn backup_sigkill_leaves_clients_unaffected() {
     let tb = format!("dir:{}", dir.path().join("tb").display());
     let mut pair = start_pair(&lab, dir.path(), &tb);
     incr_through_a_kill(&lab, &mut pair, false, 2000, 500);
-    assert!(pair.primary.stderr().contains("going on alone"), "{}", pair.primary.stderr());
+    assert!(
+        pair.primary.stderr().contains("going on alone"),
+        "{}",
+        pair.primary.stderr()
+    );
 }
 
 #[test]
@@ -142,7 +217,17 @@ fn primary_sigkill_during_redis_benchmark_gives_zero_errors() {
     let mut pair = start_pair(&lab, dir.path(), &tb);
     let bench = lab
         .cmd("client", "redis-benchmark".as_ref())
-        .args(["-h", &lab.vm_ip(), "-t", "set,get,incr", "-n", "60000", "-c", "20", "-q"])
+        .args([
+            "-h",
+            &lab.vm_ip(),
+            "-t",
+            "set,get,incr",
+            "-n",
+            "60000",
+            "-c",
+            "20",
+            "-q",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -151,12 +236,20 @@ fn primary_sigkill_during_redis_benchmark_gives_zero_errors() {
     pair.primary.signal(libc::SIGKILL);
     pair.primary.wait(Duration::from_secs(10));
     let out = bench.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(!text.to_lowercase().contains("error"), "{text}");
-    let finals = text.split(['\r', '\n']).filter(|l| l.contains("requests per second")).count();
+    let finals = text
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("requests per second"))
+        .count();
     assert_eq!(finals, 3, "all three benchmark tests completed: {text}");
-    assert!(pair.backup.stderr().contains("LIVE"), "{}", pair.backup.stderr());
+    assert!(
+        pair.backup.stderr().contains("LIVE"),
+        "{}",
+        pair.backup.stderr()
+    );
 }
 
 fn kv_kill_rounds_with(name: &str, subnet: u8, etcd: impl Fn(&Lab) -> Option<Etcd>) {
@@ -174,7 +267,12 @@ fn kv_kill_rounds_with(name: &str, subnet: u8, etcd: impl Fn(&Lab) -> Option<Etc
         incr_through_a_kill(&lab, &mut pair, true, 600, kill_after);
         // The survivor ends with the round; the next round starts a fresh pair.
         pair.backup.signal(libc::SIGTERM);
-        assert_eq!(pair.backup.wait(Duration::from_secs(10)), 0, "round {round}: {}", pair.backup.stderr());
+        assert_eq!(
+            pair.backup.wait(Duration::from_secs(10)),
+            0,
+            "round {round}: {}",
+            pair.backup.stderr()
+        );
     }
 }
 
@@ -188,5 +286,7 @@ fn kv_kill_rounds_with_the_shared_directory_tiebreaker() {
 fn kv_kill_rounds_with_the_etcd_tiebreaker() {
     let _g = serial();
     // etcd runs on host-c of the same lab, reachable from both replicas' hosts.
-    kv_kill_rounds_with("ftf5", 24, |lab| Some(Etcd::start_in(&lab.ns("host-c"), &lab.host_ip("host-c"))));
+    kv_kill_rounds_with("ftf5", 24, |lab| {
+        Some(Etcd::start_in(&lab.ns("host-c"), &lab.host_ip("host-c")))
+    });
 }

@@ -30,17 +30,48 @@ fn kv_guest_answers_ping_redis_cli_and_redis_benchmark() {
     let lab = Lab::up("ftk1", 10);
     lab.add_tap("host-a");
     let kv = guest("kv");
-    let mut vm = lab.spawn("host-a", &ftvm(), &["run", "--nic", &nic(&lab, ""), "--listen", "6379", kv.to_str().unwrap()], dir.path(), "vm");
+    let mut vm = lab.spawn(
+        "host-a",
+        &ftvm(),
+        &[
+            "run",
+            "--nic",
+            &nic(&lab, ""),
+            "--listen",
+            "6379",
+            kv.to_str().unwrap(),
+        ],
+        dir.path(),
+        "vm",
+    );
     let addr = format!("{}:6379", lab.vm_ip());
     let a2 = addr.clone();
-    assert_eq!(in_netns(&lab.ns("client"), move || command(&a2, &["PING"])).join().unwrap(), "+PONG\r\n");
+    assert_eq!(
+        in_netns(&lab.ns("client"), move || command(&a2, &["PING"]))
+            .join()
+            .unwrap(),
+        "+PONG\r\n"
+    );
 
-    let ping = lab.cmd("client", "ping".as_ref()).args(["-c", "3", "-i", "0.2", "-W", "2", &lab.vm_ip()]).output().unwrap();
-    assert!(ping.status.success(), "ping: {}", String::from_utf8_lossy(&ping.stdout));
+    let ping = lab
+        .cmd("client", "ping".as_ref())
+        .args(["-c", "3", "-i", "0.2", "-W", "2", &lab.vm_ip()])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "ping: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
     assert!(String::from_utf8_lossy(&ping.stdout).contains("3 received"));
 
     let cli = |args: &[&str]| {
-        let out = lab.cmd("client", "redis-cli".as_ref()).args(["-h", &lab.vm_ip()]).args(args).output().unwrap();
+        let out = lab
+            .cmd("client", "redis-cli".as_ref())
+            .args(["-h", &lab.vm_ip()])
+            .args(args)
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     assert_eq!(cli(&["SET", "lab", "works"]), "OK");
@@ -53,14 +84,39 @@ fn kv_guest_answers_ping_redis_cli_and_redis_benchmark() {
     for pipeline in ["1", "16"] {
         let out = lab
             .cmd("client", "redis-benchmark".as_ref())
-            .args(["-h", &lab.vm_ip(), "-t", "ping,set,get,incr", "-n", n, "-c", "50", "-P", pipeline, "-q"])
+            .args([
+                "-h",
+                &lab.vm_ip(),
+                "-t",
+                "ping,set,get,incr",
+                "-n",
+                n,
+                "-c",
+                "50",
+                "-P",
+                pipeline,
+                "-q",
+            ])
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "redis-benchmark -P {pipeline}: {text}");
-        let finals: Vec<&str> = text.split(['\r', '\n']).filter(|l| l.contains("requests per second")).collect();
-        assert!(finals.len() >= 5, "every test finished (-P {pipeline}): {finals:?}");
-        assert!(!text.to_lowercase().contains("error"), "errors under -P {pipeline}: {text}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "redis-benchmark -P {pipeline}: {text}"
+        );
+        let finals: Vec<&str> = text
+            .split(['\r', '\n'])
+            .filter(|l| l.contains("requests per second"))
+            .collect();
+        assert!(
+            finals.len() >= 5,
+            "every test finished (-P {pipeline}): {finals:?}"
+        );
+        assert!(
+            !text.to_lowercase().contains("error"),
+            "errors under -P {pipeline}: {text}"
+        );
     }
     vm.signal(libc::SIGTERM);
     assert_eq!(vm.wait(Duration::from_secs(10)), 0, "{}", vm.stderr());
@@ -77,16 +133,42 @@ fn a_recorded_network_session_replays_identically() {
     let mut vm = lab.spawn(
         "host-a",
         &ftvm(),
-        &["run", "--record", log.to_str().unwrap(), "--checkpoint-events", "512", "--nic", &nic(&lab, ""), "--listen", "6379", kv.to_str().unwrap()],
+        &[
+            "run",
+            "--record",
+            log.to_str().unwrap(),
+            "--checkpoint-events",
+            "512",
+            "--nic",
+            &nic(&lab, ""),
+            "--listen",
+            "6379",
+            kv.to_str().unwrap(),
+        ],
         dir.path(),
         "vm",
     );
     let addr = format!("{}:6379", lab.vm_ip());
     let a2 = addr.clone();
-    assert_eq!(in_netns(&lab.ns("client"), move || command(&a2, &["PING"])).join().unwrap(), "+PONG\r\n");
+    assert_eq!(
+        in_netns(&lab.ns("client"), move || command(&a2, &["PING"]))
+            .join()
+            .unwrap(),
+        "+PONG\r\n"
+    );
     let out = lab
         .cmd("client", "redis-benchmark".as_ref())
-        .args(["-h", &lab.vm_ip(), "-t", "set,get,incr", "-n", "20000", "-c", "20", "-q"])
+        .args([
+            "-h",
+            &lab.vm_ip(),
+            "-t",
+            "set,get,incr",
+            "-n",
+            "20000",
+            "-c",
+            "20",
+            "-q",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -95,7 +177,12 @@ fn a_recorded_network_session_replays_identically() {
 
     // Replay: no network at all, the frames come from the log; every checkpoint (output digest
     // of every frame sent, VM state hash) must match.
-    let replay = run(&["replay", log.to_str().unwrap(), "--quiet", kv.to_str().unwrap()]);
+    let replay = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--quiet",
+        kv.to_str().unwrap(),
+    ]);
     assert_eq!(code(&replay), 0, "{}", stderr(&replay));
     let inspect = run(&["inspect", log.to_str().unwrap(), "--entries", "0"]);
     let summary = String::from_utf8_lossy(&inspect.stdout);
@@ -105,7 +192,10 @@ fn a_recorded_network_session_replays_identically() {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(checkpoints > 10, "the session was checked at many points, not just the end: {summary}");
+    assert!(
+        checkpoints > 10,
+        "the session was checked at many points, not just the end: {summary}"
+    );
 }
 
 #[test]
@@ -116,12 +206,27 @@ fn bulk_data_through_the_echo_guest_survives_loss_duplication_and_reordering() {
     lab.add_tap("host-a");
     let echo = guest("echo");
     let faults = ",fault=drop=0.05;dup=0.01;reorder=0.01;seed=11";
-    let mut vm = lab.spawn("host-a", &ftvm(), &["run", "--nic", &nic(&lab, faults), "--listen", "7000", echo.to_str().unwrap()], dir.path(), "vm");
+    let mut vm = lab.spawn(
+        "host-a",
+        &ftvm(),
+        &[
+            "run",
+            "--nic",
+            &nic(&lab, faults),
+            "--listen",
+            "7000",
+            echo.to_str().unwrap(),
+        ],
+        dir.path(),
+        "vm",
+    );
     let total: u64 = if soak() { 1 << 30 } else { 32 << 20 };
     let addr = format!("{}:7000", lab.vm_ip());
     let result = in_netns(&lab.ns("client"), move || {
         let stream = connect_retry(&addr, std::time::Duration::from_secs(10)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
         let mut writer = stream.try_clone().unwrap();
         let sender = std::thread::spawn(move || {
             let mut h = blake3::Hasher::new();
@@ -158,8 +263,15 @@ fn bulk_data_through_the_echo_guest_survives_loss_duplication_and_reordering() {
     .unwrap();
     let (sent_hash, got_hash, got, elapsed) = result;
     assert_eq!(got, total);
-    assert_eq!(sent_hash, got_hash, "the echoed bytes differ from what was sent");
-    eprintln!("echo: {} MiB both ways in {:.1} s with 5% loss, 1% dup, 1% reorder", total >> 20, elapsed.as_secs_f64());
+    assert_eq!(
+        sent_hash, got_hash,
+        "the echoed bytes differ from what was sent"
+    );
+    eprintln!(
+        "echo: {} MiB both ways in {:.1} s with 5% loss, 1% dup, 1% reorder",
+        total >> 20,
+        elapsed.as_secs_f64()
+    );
     vm.signal(libc::SIGTERM);
     assert_eq!(vm.wait(Duration::from_secs(10)), 0, "{}", vm.stderr());
 }

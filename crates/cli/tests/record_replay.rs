@@ -9,7 +9,10 @@ use ftvm_log::{write_header, Entry, LogReader};
 
 /// Rounds of record+replay per guest; 100 is the bar, override with FTVM_REPLAY_ROUNDS.
 fn rounds() -> usize {
-    std::env::var("FTVM_REPLAY_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(100)
+    std::env::var("FTVM_REPLAY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
 }
 
 struct Case {
@@ -19,11 +22,31 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { guest: "hello", args: &["3", "x"], disk: false },
-    Case { guest: "clockrand", args: &["2"], disk: false },
-    Case { guest: "sleeper", args: &["3", "2"], disk: false },
-    Case { guest: "compute", args: &["2"], disk: false },
-    Case { guest: "fsx", args: &["/data"], disk: true },
+    Case {
+        guest: "hello",
+        args: &["3", "x"],
+        disk: false,
+    },
+    Case {
+        guest: "clockrand",
+        args: &["2"],
+        disk: false,
+    },
+    Case {
+        guest: "sleeper",
+        args: &["3", "2"],
+        disk: false,
+    },
+    Case {
+        guest: "compute",
+        args: &["2"],
+        disk: false,
+    },
+    Case {
+        guest: "fsx",
+        args: &["/data"],
+        disk: true,
+    },
 ];
 
 /// Records one run and replays it; returns (recorded stdout, exit code).
@@ -53,8 +76,18 @@ fn record_and_replay(case: &Case, dir: &Path, round: usize) -> (Vec<u8>, i32) {
         case.guest,
         stderr(&replayed)
     );
-    assert_eq!(recorded.stderr, replayed.stderr, "{} round {round}: stderr differs", case.guest);
-    assert_eq!(code(&recorded), code(&replayed), "{} round {round}: exit codes differ: {}", case.guest, stderr(&replayed));
+    assert_eq!(
+        recorded.stderr, replayed.stderr,
+        "{} round {round}: stderr differs",
+        case.guest
+    );
+    assert_eq!(
+        code(&recorded),
+        code(&replayed),
+        "{} round {round}: exit codes differ: {}",
+        case.guest,
+        stderr(&replayed)
+    );
     std::fs::remove_file(&log).unwrap();
     std::fs::remove_dir_all(&rec_disk).unwrap();
     std::fs::remove_dir_all(&rep_disk).unwrap();
@@ -76,7 +109,10 @@ fn every_guest_replays_identically_round_after_round() {
         // The clock/random guest sees new values every round: the replays above reproduced
         // different recordings, not one fixed output.
         if case.guest == "clockrand" && rounds() > 1 {
-            assert!(outputs.len() > 1, "clockrand printed the same values every round");
+            assert!(
+                outputs.len() > 1,
+                "clockrand printed the same values every round"
+            );
         }
     }
 }
@@ -88,8 +124,17 @@ fn plain_runs_see_different_clocks_and_random() {
     let b = run(&["run", g.to_str().unwrap(), "1"]);
     assert_eq!(code(&a), 0, "{}", stderr(&a));
     let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
-    let entropy = |t: &str| t.lines().find(|l| l.contains("entropy")).map(str::to_string).expect("entropy line");
-    assert_ne!(entropy(&text(&a)), entropy(&text(&b)), "two runs got the same random bytes");
+    let entropy = |t: &str| {
+        t.lines()
+            .find(|l| l.contains("entropy"))
+            .map(str::to_string)
+            .expect("entropy line")
+    };
+    assert_ne!(
+        entropy(&text(&a)),
+        entropy(&text(&b)),
+        "two runs got the same random bytes"
+    );
     assert_ne!(text(&a), text(&b));
 }
 
@@ -117,17 +162,43 @@ fn a_changed_disk_or_module_is_refused() {
     let dir_arg = format!("{}::/data", disk.display());
     record("fsx", &["/data"], Some(&dir_arg), &log);
     // The recording changed `disk`; replaying against it is refused.
-    let out = run(&["replay", log.to_str().unwrap(), "--dir", &dir_arg, guest("fsx").to_str().unwrap()]);
+    let out = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &dir_arg,
+        guest("fsx").to_str().unwrap(),
+    ]);
     assert_eq!(code(&out), 121, "{}", stderr(&out));
-    assert!(stderr(&out).contains("starting disk differs"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("starting disk differs"),
+        "{}",
+        stderr(&out)
+    );
     // Against the pristine copy it replays.
     let ok_arg = format!("{}::/data", pristine.display());
-    let out = run(&["replay", log.to_str().unwrap(), "--dir", &ok_arg, guest("fsx").to_str().unwrap()]);
+    let out = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &ok_arg,
+        guest("fsx").to_str().unwrap(),
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     // Another module is refused.
-    let out = run(&["replay", log.to_str().unwrap(), "--dir", &ok_arg, guest("hello").to_str().unwrap()]);
+    let out = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &ok_arg,
+        guest("hello").to_str().unwrap(),
+    ]);
     assert_eq!(code(&out), 121);
-    assert!(stderr(&out).contains("recorded with module"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("recorded with module"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// Rewrites a log with one entry changed (checksums recomputed, as a deliberate tamper would).
@@ -169,7 +240,9 @@ fn a_tampered_entry_is_caught_as_divergence() {
     let kind = dir.path().join("kind.log");
     tamper(&log, &kind, |e| {
         if let Entry::Clock { .. } = e {
-            *e = Entry::Random { bytes: vec![1, 2, 3] };
+            *e = Entry::Random {
+                bytes: vec![1, 2, 3],
+            };
             return true;
         }
         false
@@ -203,7 +276,11 @@ fn truncated_and_corrupt_logs_say_where() {
     std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
     let out = run(&["replay", cut.to_str().unwrap(), g.to_str().unwrap()]);
     assert_eq!(code(&out), 121);
-    assert!(stderr(&out).contains("truncated at byte"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("truncated at byte"),
+        "{}",
+        stderr(&out)
+    );
 
     let bad = dir.path().join("bad.log");
     let mut flipped = bytes.clone();
@@ -216,7 +293,10 @@ fn truncated_and_corrupt_logs_say_where() {
 
     let inspect = run(&["inspect", cut.to_str().unwrap()]);
     assert_eq!(code(&inspect), 121);
-    assert!(String::from_utf8_lossy(&inspect.stdout).contains("clock id="), "inspect shows entries before the cut");
+    assert!(
+        String::from_utf8_lossy(&inspect.stdout).contains("clock id="),
+        "inspect shows entries before the cut"
+    );
 
     let out = run(&["inspect", g.to_str().unwrap()]);
     assert_eq!(code(&out), 121);
@@ -236,21 +316,34 @@ fn bad_modules_and_guest_failures_get_distinct_exit_codes() {
     assert_eq!(code(&out), 120, "{}", stderr(&out));
     assert!(stderr(&out).contains("not a WebAssembly module"));
 
-    let non_wasi = write("env.wat", r#"(module (import "env" "f" (func)) (memory (export "memory") 1) (func (export "_start")))"#);
+    let non_wasi = write(
+        "env.wat",
+        r#"(module (import "env" "f" (func)) (memory (export "memory") 1) (func (export "_start")))"#,
+    );
     let out = run(&["run", &non_wasi]);
     assert_eq!(code(&out), 120);
     assert!(stderr(&out).contains("env::f"), "{}", stderr(&out));
 
-    let reactor = write("lib.wat", r#"(module (memory (export "memory") 1) (func (export "_initialize")))"#);
+    let reactor = write(
+        "lib.wat",
+        r#"(module (memory (export "memory") 1) (func (export "_initialize")))"#,
+    );
     let out = run(&["run", &reactor]);
     assert_eq!(code(&out), 120);
     assert!(stderr(&out).contains("_start"));
 
-    let trap = write("trap.wat", r#"(module (memory (export "memory") 1) (func $boom unreachable) (func (export "_start") call $boom))"#);
+    let trap = write(
+        "trap.wat",
+        r#"(module (memory (export "memory") 1) (func $boom unreachable) (func (export "_start") call $boom))"#,
+    );
     let out = run(&["run", &trap]);
     assert_eq!(code(&out), 123);
     assert!(stderr(&out).contains("unreachable"), "{}", stderr(&out));
-    assert!(stderr(&out).contains("backtrace"), "the wasm backtrace is printed: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("backtrace"),
+        "the wasm backtrace is printed: {}",
+        stderr(&out)
+    );
 
     let oom = write(
         "oom.wat",
@@ -268,7 +361,12 @@ fn bad_modules_and_guest_failures_get_distinct_exit_codes() {
     let out = run(&["replay", log.to_str().unwrap(), &trap]);
     assert_eq!(code(&out), 123, "{}", stderr(&out));
 
-    let out = run(&["run", "--dir", "/nonexistent-ftvm-dir::/data", guest("hello").to_str().unwrap()]);
+    let out = run(&[
+        "run",
+        "--dir",
+        "/nonexistent-ftvm-dir::/data",
+        guest("hello").to_str().unwrap(),
+    ]);
     assert_eq!(code(&out), 125, "{}", stderr(&out));
     assert!(stderr(&out).contains("/nonexistent-ftvm-dir"));
 
@@ -292,7 +390,14 @@ fn fuel_counts_replay_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("fuel.log");
     let g = guest("compute");
-    let out = run(&["run", "--fuel", "--record", log.to_str().unwrap(), g.to_str().unwrap(), "1"]);
+    let out = run(&[
+        "run",
+        "--fuel",
+        "--record",
+        log.to_str().unwrap(),
+        g.to_str().unwrap(),
+        "1",
+    ]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let out = run(&["replay", log.to_str().unwrap(), g.to_str().unwrap()]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
@@ -303,5 +408,8 @@ fn fuel_counts_replay_exactly() {
             fuel = c.fuel;
         }
     }
-    assert!(fuel.is_some_and(|f| f > 1_000_000), "the final checkpoint carries an instruction count: {fuel:?}");
+    assert!(
+        fuel.is_some_and(|f| f > 1_000_000),
+        "the final checkpoint carries an instruction count: {fuel:?}"
+    );
 }

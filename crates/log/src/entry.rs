@@ -125,7 +125,10 @@ impl Entry {
         out.extend_from_slice(&[0u8; ENTRY_FRAMING_BYTES]);
         self.encode_body(seq, out);
         let body_len = out.len() - start - ENTRY_FRAMING_BYTES;
-        assert!(body_len <= ENTRY_BYTES_MAX, "log entry of {body_len} bytes exceeds ENTRY_BYTES_MAX");
+        assert!(
+            body_len <= ENTRY_BYTES_MAX,
+            "log entry of {body_len} bytes exceeds ENTRY_BYTES_MAX"
+        );
         let crc = crc32fast::hash(&out[start + ENTRY_FRAMING_BYTES..]);
         out[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -184,17 +187,28 @@ impl Entry {
 
     /// Decodes one body (without framing). `offset` is only used in error messages.
     pub fn decode_body(body: &[u8], offset: u64) -> Result<(u64, Entry), LogError> {
-        let mut r = Reader { buf: body, pos: 0, offset };
+        let mut r = Reader {
+            buf: body,
+            pos: 0,
+            offset,
+        };
         let seq = r.u64()?;
         let tag = r.u8()?;
         let entry = match tag {
-            TAG_CLOCK => Entry::Clock { clock_id: r.u32()?, ns: r.u64()? },
-            TAG_RANDOM => Entry::Random { bytes: r.bytes(RANDOM_CHUNK_BYTES_MAX)? },
+            TAG_CLOCK => Entry::Clock {
+                clock_id: r.u32()?,
+                ns: r.u64()?,
+            },
+            TAG_RANDOM => Entry::Random {
+                bytes: r.bytes(RANDOM_CHUNK_BYTES_MAX)?,
+            },
             TAG_INPUT => {
                 let now_ns = r.u64()?;
                 let count = r.u32()? as usize;
                 if count > INPUT_FRAMES_MAX {
-                    return Err(r.bad(format!("input entry claims {count} frames (max {INPUT_FRAMES_MAX})")));
+                    return Err(r.bad(format!(
+                        "input entry claims {count} frames (max {INPUT_FRAMES_MAX})"
+                    )));
                 }
                 let mut frames = Vec::with_capacity(count);
                 for _ in 0..count {
@@ -210,9 +224,19 @@ impl Entry {
                 let fuel = match r.u8()? {
                     0 => None,
                     1 => Some(r.u64()?),
-                    other => return Err(r.bad(format!("checkpoint fuel flag {other} is neither 0 nor 1"))),
+                    other => {
+                        return Err(
+                            r.bad(format!("checkpoint fuel flag {other} is neither 0 nor 1"))
+                        )
+                    }
                 };
-                Entry::Checkpoint(Checkpoint { events, output_bytes, output_digest, state_hash, fuel })
+                Entry::Checkpoint(Checkpoint {
+                    events,
+                    output_bytes,
+                    output_digest,
+                    state_hash,
+                    fuel,
+                })
             }
             TAG_CONTROL => match r.u8()? {
                 CONTROL_POWER_OFF => Entry::Control(ControlOp::PowerOff),
@@ -221,12 +245,17 @@ impl Entry {
             TAG_EXIT => Entry::Exit { code: r.u32()? },
             TAG_TRAP => {
                 let bytes = r.bytes(ENTRY_BYTES_MAX)?;
-                Entry::Trap { message: String::from_utf8_lossy(&bytes).into_owned() }
+                Entry::Trap {
+                    message: String::from_utf8_lossy(&bytes).into_owned(),
+                }
             }
             other => return Err(r.bad(format!("unknown entry tag {other}"))),
         };
         if r.pos != body.len() {
-            return Err(r.bad(format!("{} trailing bytes after the entry", body.len() - r.pos)));
+            return Err(r.bad(format!(
+                "{} trailing bytes after the entry",
+                body.len() - r.pos
+            )));
         }
         Ok((seq, entry))
     }
@@ -238,7 +267,10 @@ impl Entry {
             Entry::Random { bytes } => format!("random {} bytes", bytes.len()),
             Entry::Input { now_ns, frames } => {
                 let bytes: usize = frames.iter().map(Vec::len).sum();
-                format!("input now_ns={now_ns} frames={} ({bytes} bytes)", frames.len())
+                format!(
+                    "input now_ns={now_ns} frames={} ({bytes} bytes)",
+                    frames.len()
+                )
             }
             Entry::Checkpoint(c) => format!(
                 "checkpoint events={} output_bytes={} output={} state={}{}",
@@ -272,11 +304,17 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn bad(&self, what: String) -> LogError {
-        LogError::Corrupt { offset: self.offset, what }
+        LogError::Corrupt {
+            offset: self.offset,
+            what,
+        }
     }
     fn take(&mut self, n: usize) -> Result<&[u8], LogError> {
         if self.buf.len() - self.pos < n {
-            return Err(self.bad(format!("entry body ends early (need {n} more bytes at body byte {})", self.pos)));
+            return Err(self.bad(format!(
+                "entry body ends early (need {n} more bytes at body byte {})",
+                self.pos
+            )));
         }
         let slice = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -286,10 +324,14 @@ impl Reader<'_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, LogError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, LogError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn array32(&mut self) -> Result<[u8; 32], LogError> {
         Ok(self.take(32)?.try_into().expect("32 bytes"))

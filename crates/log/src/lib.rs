@@ -55,7 +55,11 @@ pub enum LogError {
     #[error("the log has format version {found}, this ftvm reads version {expected}")]
     BadVersion { found: u32, expected: u32 },
     #[error("log entry {found} follows entry {previous} at byte {offset}: entries are missing or out of order")]
-    BadSequence { offset: u64, previous: u64, found: u64 },
+    BadSequence {
+        offset: u64,
+        previous: u64,
+        found: u64,
+    },
     #[error("I/O error on the log: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -63,7 +67,10 @@ pub enum LogError {
 /// Writes the header. Call once, first.
 pub fn write_header<W: Write>(out: &mut W, header: &LogHeader) -> Result<(), LogError> {
     let json = serde_json::to_vec(header).expect("a LogHeader always serializes");
-    assert!(json.len() <= HEADER_BYTES_MAX, "log header exceeds HEADER_BYTES_MAX");
+    assert!(
+        json.len() <= HEADER_BYTES_MAX,
+        "log header exceeds HEADER_BYTES_MAX"
+    );
     out.write_all(&MAGIC)?;
     out.write_all(&FORMAT_VERSION.to_le_bytes())?;
     out.write_all(&(json.len() as u32).to_le_bytes())?;
@@ -91,23 +98,39 @@ impl<R: Read> LogReader<R> {
         read_exact_or_truncated(&mut input, &mut word, 8, "in the format version")?;
         let version = u32::from_le_bytes(word);
         if version != FORMAT_VERSION {
-            return Err(LogError::BadVersion { found: version, expected: FORMAT_VERSION });
+            return Err(LogError::BadVersion {
+                found: version,
+                expected: FORMAT_VERSION,
+            });
         }
         read_exact_or_truncated(&mut input, &mut word, 12, "in the header length")?;
         let len = u32::from_le_bytes(word) as usize;
         if len > HEADER_BYTES_MAX {
-            return Err(LogError::Corrupt { offset: 12, what: format!("header length {len} exceeds {HEADER_BYTES_MAX}") });
+            return Err(LogError::Corrupt {
+                offset: 12,
+                what: format!("header length {len} exceeds {HEADER_BYTES_MAX}"),
+            });
         }
         let mut json = vec![0u8; len];
         read_exact_or_truncated(&mut input, &mut json, 16, "in the header")?;
         let header_end = 16 + len as u64;
         read_exact_or_truncated(&mut input, &mut word, header_end, "in the header checksum")?;
         if u32::from_le_bytes(word) != crc32fast::hash(&json) {
-            return Err(LogError::Corrupt { offset: 16, what: "header checksum mismatch".into() });
+            return Err(LogError::Corrupt {
+                offset: 16,
+                what: "header checksum mismatch".into(),
+            });
         }
-        let header: LogHeader = serde_json::from_slice(&json)
-            .map_err(|e| LogError::Corrupt { offset: 16, what: format!("header is not valid: {e}") })?;
-        Ok(LogReader { input, offset: header_end + 4, last_seq: 0, header })
+        let header: LogHeader = serde_json::from_slice(&json).map_err(|e| LogError::Corrupt {
+            offset: 16,
+            what: format!("header is not valid: {e}"),
+        })?;
+        Ok(LogReader {
+            input,
+            offset: header_end + 4,
+            last_seq: 0,
+            header,
+        })
     }
 
     pub fn header(&self) -> &LogHeader {
@@ -134,7 +157,10 @@ impl<R: Read> LogReader<R> {
         if got < ENTRY_FRAMING_BYTES {
             return Err(LogError::Truncated {
                 offset: self.offset,
-                what: format!("entry {} has {got} of its {ENTRY_FRAMING_BYTES} framing bytes", self.last_seq + 1),
+                what: format!(
+                    "entry {} has {got} of its {ENTRY_FRAMING_BYTES} framing bytes",
+                    self.last_seq + 1
+                ),
             });
         }
         let (len, crc) = parse_framing(&framing, self.offset)?;
@@ -143,12 +169,19 @@ impl<R: Read> LogReader<R> {
         if got < len {
             return Err(LogError::Truncated {
                 offset: self.offset,
-                what: format!("entry {} has {got} of its {len} body bytes", self.last_seq + 1),
+                what: format!(
+                    "entry {} has {got} of its {len} body bytes",
+                    self.last_seq + 1
+                ),
             });
         }
         let (seq, entry) = check_and_decode(&body, crc, self.offset)?;
         if seq != self.last_seq + 1 {
-            return Err(LogError::BadSequence { offset: self.offset, previous: self.last_seq, found: seq });
+            return Err(LogError::BadSequence {
+                offset: self.offset,
+                previous: self.last_seq,
+                found: seq,
+            });
         }
         self.offset += (ENTRY_FRAMING_BYTES + len) as u64;
         self.last_seq = seq;
@@ -159,28 +192,46 @@ impl<R: Read> LogReader<R> {
 /// Decodes one framed entry as carried by the log channel. `offset` is for messages only.
 pub fn decode_framed(bytes: &[u8], offset: u64) -> Result<(u64, Entry), LogError> {
     if bytes.len() < ENTRY_FRAMING_BYTES {
-        return Err(LogError::Truncated { offset, what: "record shorter than its framing".into() });
+        return Err(LogError::Truncated {
+            offset,
+            what: "record shorter than its framing".into(),
+        });
     }
-    let (len, crc) = parse_framing(bytes[..ENTRY_FRAMING_BYTES].try_into().expect("8 bytes"), offset)?;
+    let (len, crc) = parse_framing(
+        bytes[..ENTRY_FRAMING_BYTES].try_into().expect("8 bytes"),
+        offset,
+    )?;
     let body = &bytes[ENTRY_FRAMING_BYTES..];
     if body.len() != len {
-        return Err(LogError::Corrupt { offset, what: format!("record says {len} body bytes, carries {}", body.len()) });
+        return Err(LogError::Corrupt {
+            offset,
+            what: format!("record says {len} body bytes, carries {}", body.len()),
+        });
     }
     check_and_decode(body, crc, offset)
 }
 
-fn parse_framing(framing: &[u8; ENTRY_FRAMING_BYTES], offset: u64) -> Result<(usize, u32), LogError> {
+fn parse_framing(
+    framing: &[u8; ENTRY_FRAMING_BYTES],
+    offset: u64,
+) -> Result<(usize, u32), LogError> {
     let len = u32::from_le_bytes(framing[0..4].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(framing[4..8].try_into().expect("4 bytes"));
     if len > ENTRY_BYTES_MAX {
-        return Err(LogError::Corrupt { offset, what: format!("entry length {len} exceeds {ENTRY_BYTES_MAX}") });
+        return Err(LogError::Corrupt {
+            offset,
+            what: format!("entry length {len} exceeds {ENTRY_BYTES_MAX}"),
+        });
     }
     Ok((len, crc))
 }
 
 fn check_and_decode(body: &[u8], crc: u32, offset: u64) -> Result<(u64, Entry), LogError> {
     if crc32fast::hash(body) != crc {
-        return Err(LogError::Corrupt { offset, what: "entry checksum mismatch".into() });
+        return Err(LogError::Corrupt {
+            offset,
+            what: "entry checksum mismatch".into(),
+        });
     }
     Entry::decode_body(body, offset)
 }
@@ -198,9 +249,17 @@ fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> std::io::Result<usize> 
     Ok(filled)
 }
 
-fn read_exact_or_truncated<R: Read>(input: &mut R, buf: &mut [u8], offset: u64, what: &str) -> Result<(), LogError> {
+fn read_exact_or_truncated<R: Read>(
+    input: &mut R,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> Result<(), LogError> {
     if read_up_to(input, buf)? < buf.len() {
-        return Err(LogError::Truncated { offset, what: format!("ends {what}") });
+        return Err(LogError::Truncated {
+            offset,
+            what: format!("ends {what}"),
+        });
     }
     Ok(())
 }
@@ -227,10 +286,21 @@ mod tests {
 
     fn sample_entries() -> Vec<Entry> {
         vec![
-            Entry::Clock { clock_id: 1, ns: 123_456_789 },
-            Entry::Random { bytes: vec![1, 2, 3, 4] },
-            Entry::Input { now_ns: 42, frames: vec![vec![0xff; 60], vec![1; 1514]] },
-            Entry::Input { now_ns: 43, frames: vec![] },
+            Entry::Clock {
+                clock_id: 1,
+                ns: 123_456_789,
+            },
+            Entry::Random {
+                bytes: vec![1, 2, 3, 4],
+            },
+            Entry::Input {
+                now_ns: 42,
+                frames: vec![vec![0xff; 60], vec![1; 1514]],
+            },
+            Entry::Input {
+                now_ns: 43,
+                frames: vec![],
+            },
             Entry::Checkpoint(Checkpoint {
                 events: 4096,
                 output_bytes: 17,
@@ -239,7 +309,9 @@ mod tests {
                 fuel: Some(99),
             }),
             Entry::Control(ControlOp::PowerOff),
-            Entry::Trap { message: "unreachable".into() },
+            Entry::Trap {
+                message: "unreachable".into(),
+            },
             Entry::Exit { code: 3 },
         ]
     }
@@ -317,7 +389,10 @@ mod tests {
                         }
                     }
                 }
-                assert!(!read_all_intact || n != entries.len(), "flip at byte {byte} bit {bit} went unnoticed");
+                assert!(
+                    !read_all_intact || n != entries.len(),
+                    "flip at byte {byte} bit {bit} went unnoticed"
+                );
                 // And no flipped entry may ever be returned as if valid.
             }
         }
@@ -331,26 +406,45 @@ mod tests {
         Entry::Exit { code: 0 }.encode_framed(3, &mut out);
         let mut reader = LogReader::open(&out[..]).unwrap();
         reader.next_entry().unwrap();
-        assert!(matches!(reader.next_entry(), Err(LogError::BadSequence { previous: 1, found: 3, .. })));
+        assert!(matches!(
+            reader.next_entry(),
+            Err(LogError::BadSequence {
+                previous: 1,
+                found: 3,
+                ..
+            })
+        ));
     }
 
     #[test]
     fn header_corruption_and_wrong_files_are_refused() {
         let bytes = encode_log(&sample_entries());
-        assert!(matches!(LogReader::open(&b"not a log at all"[..]), Err(LogError::BadMagic)));
+        assert!(matches!(
+            LogReader::open(&b"not a log at all"[..]),
+            Err(LogError::BadMagic)
+        ));
         let mut bad = bytes.clone();
         bad[20] ^= 1;
-        assert!(matches!(LogReader::open(&bad[..]), Err(LogError::Corrupt { .. })));
+        assert!(matches!(
+            LogReader::open(&bad[..]),
+            Err(LogError::Corrupt { .. })
+        ));
         let mut bad = bytes.clone();
         bad[8] = 9;
-        assert!(matches!(LogReader::open(&bad[..]), Err(LogError::BadVersion { found: 9, .. })));
+        assert!(matches!(
+            LogReader::open(&bad[..]),
+            Err(LogError::BadVersion { found: 9, .. })
+        ));
     }
 
     #[test]
     fn framed_records_decode_alone() {
         let mut buf = Vec::new();
         Entry::Clock { clock_id: 0, ns: 5 }.encode_framed(7, &mut buf);
-        assert_eq!(decode_framed(&buf, 0).unwrap(), (7, Entry::Clock { clock_id: 0, ns: 5 }));
+        assert_eq!(
+            decode_framed(&buf, 0).unwrap(),
+            (7, Entry::Clock { clock_id: 0, ns: 5 })
+        );
         buf[10] ^= 0x10;
         assert!(decode_framed(&buf, 0).is_err());
     }

@@ -60,7 +60,10 @@ impl Default for Limits {
 
 /// Formats a MAC as `02:00:00:00:00:01`.
 pub fn mac_to_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Parses `02:00:00:00:00:01`.

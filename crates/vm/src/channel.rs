@@ -50,7 +50,12 @@ pub struct ChannelSink {
 
 impl ChannelSink {
     pub fn new(tx: Sender<ToDriver>, pacing: Arc<Pacing>) -> ChannelSink {
-        ChannelSink { tx, pacing, scratch: Vec::new(), last_pace: std::time::Instant::now() }
+        ChannelSink {
+            tx,
+            pacing,
+            scratch: Vec::new(),
+            last_pace: std::time::Instant::now(),
+        }
     }
 }
 
@@ -62,7 +67,12 @@ impl LogSink for ChannelSink {
     fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
         self.scratch.clear();
         entry.encode_framed(seq, &mut self.scratch);
-        self.tx.send(ToDriver::Record { seq, bytes: self.scratch.clone() }).map_err(|_| driver_gone())
+        self.tx
+            .send(ToDriver::Record {
+                seq,
+                bytes: self.scratch.clone(),
+            })
+            .map_err(|_| driver_gone())
     }
     fn flush(&mut self) -> Result<(), VmError> {
         self.tx.send(ToDriver::Flush).map_err(|_| driver_gone())
@@ -71,7 +81,11 @@ impl LogSink for ChannelSink {
         // Host time, used only to size a pause: it never reaches the guest.
         let ran = self.last_pace.elapsed();
         self.last_pace = std::time::Instant::now();
-        let s = self.pacing.slowdown_permille.load(Ordering::Relaxed).min(900);
+        let s = self
+            .pacing
+            .slowdown_permille
+            .load(Ordering::Relaxed)
+            .min(900);
         if s == 0 {
             return Duration::ZERO;
         }
@@ -92,7 +106,9 @@ impl HeldOutputs {
 
 impl OutputPort for HeldOutputs {
     fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
-        self.tx.send(ToDriver::Output { seq, output }).map_err(|_| driver_gone())
+        self.tx
+            .send(ToDriver::Output { seq, output })
+            .map_err(|_| driver_gone())
     }
 }
 

@@ -29,7 +29,8 @@ pub fn deterministic_engine(fuel: bool) -> Result<Engine, VmError> {
         // Memory size is bounded by our ResourceLimiter, never by how much address space a host has.
         .memory_reservation(4 << 30)
         .memory_guard_size(2 << 30);
-    Engine::new(&config).map_err(|e| VmError::Internal(format!("cannot build the wasm engine: {e}")))
+    Engine::new(&config)
+        .map_err(|e| VmError::Internal(format!("cannot build the wasm engine: {e}")))
 }
 
 /// The blake3 hash of a module's bytes, as recorded in logs and compared in handshakes.
@@ -46,8 +47,12 @@ pub fn load_module(engine: &Engine, bytes: &[u8], name: &str) -> Result<Module, 
             "{name} is not a WebAssembly module (it starts with neither the \\0asm magic nor WAT text)"
         )));
     }
-    let module = Module::new(engine, bytes)
-        .map_err(|e| VmError::BadModule(format!("{name} is not a valid WebAssembly module: {}", first_line(&e))))?;
+    let module = Module::new(engine, bytes).map_err(|e| {
+        VmError::BadModule(format!(
+            "{name} is not a valid WebAssembly module: {}",
+            first_line(&e)
+        ))
+    })?;
     for import in module.imports() {
         if import.module() != WASI_MODULE {
             return Err(VmError::BadModule(format!(

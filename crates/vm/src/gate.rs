@@ -17,7 +17,9 @@
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use ftvm_log::entry::{hex, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME};
+use ftvm_log::entry::{
+    hex, CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME,
+};
 use ftvm_log::entry::{INPUT_FRAMES_MAX, RANDOM_CHUNK_BYTES_MAX};
 use ftvm_log::{Checkpoint, ControlOp, Entry, EntryKind};
 
@@ -109,7 +111,11 @@ pub struct World {
 
 impl World {
     pub fn new(frames: Option<Receiver<Vec<u8>>>, control: Option<Receiver<ControlOp>>) -> World {
-        World { mono_offset_ns: 0, frames, control }
+        World {
+            mono_offset_ns: 0,
+            frames,
+            control,
+        }
     }
 
     /// Makes this host's monotonic clock continue from `last_ns` (the last virtual time observed).
@@ -135,13 +141,17 @@ impl World {
         let mut filled = 0;
         while filled < buf.len() {
             // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own.
-            let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+            let n = unsafe {
+                libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0)
+            };
             if n < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(VmError::Internal(format!("the host's random source failed: {err}")));
+                return Err(VmError::Internal(format!(
+                    "the host's random source failed: {err}"
+                )));
             }
             filled += n as usize;
         }
@@ -166,13 +176,18 @@ impl World {
                 }
             }
             let now = self.mono_ns();
-            if wake.control.is_some() || !wake.frames.is_empty() || deadline_ns.is_some_and(|d| now >= d) {
+            if wake.control.is_some()
+                || !wake.frames.is_empty()
+                || deadline_ns.is_some_and(|d| now >= d)
+            {
                 wake.now_ns = now;
                 return wake;
             }
             // Sleep until something arrives or the deadline passes. Without a frame channel and
             // a deadline this sleeps in bounded steps so a control operation is still noticed.
-            let step = deadline_ns.map(|d| Duration::from_nanos(d - now)).unwrap_or(Duration::from_millis(100));
+            let step = deadline_ns
+                .map(|d| Duration::from_nanos(d - now))
+                .unwrap_or(Duration::from_millis(100));
             let step = step.min(Duration::from_millis(100));
             match (&self.frames, &self.control) {
                 (Some(frames), Some(control)) => {
@@ -199,7 +214,10 @@ impl World {
 }
 
 fn host_clock(id: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
     let rc = unsafe { libc::clock_gettime(id, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime({id}) failed");
@@ -220,8 +238,14 @@ pub struct GoLive {
 }
 
 enum Mode {
-    Record { sink: Box<dyn LogSink>, world: World },
-    Replay { source: Box<dyn LogSource>, end: Option<Box<dyn ReplayEnd>> },
+    Record {
+        sink: Box<dyn LogSink>,
+        world: World,
+    },
+    Replay {
+        source: Box<dyn LogSource>,
+        end: Option<Box<dyn ReplayEnd>>,
+    },
 }
 
 pub struct Gate {
@@ -244,7 +268,12 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn record(sink: Box<dyn LogSink>, world: World, port: Box<dyn OutputPort>, checkpoint_events: u64) -> Gate {
+    pub fn record(
+        sink: Box<dyn LogSink>,
+        world: World,
+        port: Box<dyn OutputPort>,
+        checkpoint_events: u64,
+    ) -> Gate {
         Gate::new(Mode::Record { sink, world }, port, checkpoint_events)
     }
 
@@ -318,7 +347,9 @@ impl Gate {
             Mode::Replay { .. } => match self.next_replayed(EntryKind::Clock)? {
                 Some(Entry::Clock { clock_id: id, ns }) if id == clock_id => ns,
                 Some(Entry::Clock { clock_id: id, .. }) => {
-                    return Err(self.diverged(format!("the guest read clock {clock_id}, the log has clock {id}")))
+                    return Err(self.diverged(format!(
+                        "the guest read clock {clock_id}, the log has clock {id}"
+                    )))
                 }
                 Some(other) => return Err(self.kind_mismatch(EntryKind::Clock, &other)),
                 None => return self.clock(clock_id),
@@ -340,10 +371,14 @@ impl Gate {
             match &mut self.mode {
                 Mode::Record { world, .. } => {
                     world.random(chunk)?;
-                    self.append(Entry::Random { bytes: chunk.to_vec() })?;
+                    self.append(Entry::Random {
+                        bytes: chunk.to_vec(),
+                    })?;
                 }
                 Mode::Replay { .. } => match self.next_replayed(EntryKind::Random)? {
-                    Some(Entry::Random { bytes }) if bytes.len() == chunk.len() => chunk.copy_from_slice(&bytes),
+                    Some(Entry::Random { bytes }) if bytes.len() == chunk.len() => {
+                        chunk.copy_from_slice(&bytes)
+                    }
                     Some(Entry::Random { bytes }) => {
                         return Err(self.diverged(format!(
                             "the guest asked for {} random bytes, the log has {}",
@@ -375,7 +410,10 @@ impl Gate {
                 if let Some(op) = wake.control {
                     self.append(Entry::Control(op))?;
                 }
-                self.append(Entry::Input { now_ns: wake.now_ns, frames: wake.frames.clone() })?;
+                self.append(Entry::Input {
+                    now_ns: wake.now_ns,
+                    frames: wake.frames.clone(),
+                })?;
                 wake
             }
             Mode::Replay { .. } => {
@@ -389,7 +427,11 @@ impl Gate {
                     other => other,
                 };
                 match entry {
-                    Some(Entry::Input { now_ns, frames }) => Wake { now_ns, frames, control },
+                    Some(Entry::Input { now_ns, frames }) => Wake {
+                        now_ns,
+                        frames,
+                        control,
+                    },
                     Some(other) => return Err(self.kind_mismatch(EntryKind::Input, &other)),
                     // The log ended (we may have gone live): ask again, now in record mode.
                     None => {
@@ -506,9 +548,9 @@ impl Gate {
             }
             Mode::Replay { .. } => match self.next_replayed(EntryKind::Exit)? {
                 Some(Entry::Exit { code: logged }) if logged == code => Ok(()),
-                Some(Entry::Exit { code: logged }) => {
-                    Err(self.diverged(format!("the guest exited with {code}, the log says {logged}")))
-                }
+                Some(Entry::Exit { code: logged }) => Err(self.diverged(format!(
+                    "the guest exited with {code}, the log says {logged}"
+                ))),
                 Some(other) => Err(self.kind_mismatch(EntryKind::Exit, &other)),
                 None => self.exit(code),
             },
@@ -519,7 +561,9 @@ impl Gate {
     pub fn trap(&mut self, message: &str) -> Result<(), VmError> {
         match &mut self.mode {
             Mode::Record { .. } => {
-                self.append(Entry::Trap { message: message.to_string() })?;
+                self.append(Entry::Trap {
+                    message: message.to_string(),
+                })?;
                 if let Mode::Record { sink, .. } = &mut self.mode {
                     sink.flush()?;
                 }
@@ -582,18 +626,29 @@ impl Gate {
                 self.went_live_at = Some(self.seq);
                 self.live_duties_pending = true;
                 self.port = live.port;
-                self.mode = Mode::Record { sink: live.sink, world: live.world };
+                self.mode = Mode::Record {
+                    sink: live.sink,
+                    world: live.world,
+                };
                 Ok(None)
             }
         }
     }
 
     fn kind_mismatch(&self, want: EntryKind, got: &Entry) -> VmError {
-        self.diverged(format!("the guest asked for a {want}, the log has a {} ({})", got.kind(), got.summary()))
+        self.diverged(format!(
+            "the guest asked for a {want}, the log has a {} ({})",
+            got.kind(),
+            got.summary()
+        ))
     }
 
     fn diverged(&self, what: String) -> VmError {
-        VmError::Divergence { seq: self.seq, event: self.events, what }
+        VmError::Divergence {
+            seq: self.seq,
+            event: self.events,
+            what,
+        }
     }
 }
 
@@ -636,7 +691,11 @@ mod tests {
         seen.push(buf.iter().map(|&b| b as u64).sum());
         let wake = gate.wait(Some(0)).unwrap();
         seen.push(wake.now_ns);
-        gate.output(Output::Console { fd: 1, bytes: b"hi".to_vec() }).unwrap();
+        gate.output(Output::Console {
+            fd: 1,
+            bytes: b"hi".to_vec(),
+        })
+        .unwrap();
         gate.checkpoint([1; 32], None).unwrap();
         gate.exit(0).unwrap();
         seen
@@ -646,25 +705,50 @@ mod tests {
     fn replay_returns_what_was_recorded_and_tags_outputs() {
         let sink = Shared::default();
         let outputs = Collect::default();
-        let mut rec = Gate::record(Box::new(sink.clone()), World::new(None, None), Box::new(outputs.clone()), 0);
+        let mut rec = Gate::record(
+            Box::new(sink.clone()),
+            World::new(None, None),
+            Box::new(outputs.clone()),
+            0,
+        );
         let recorded = session(&mut rec);
         let log = sink.0.lock().unwrap().clone();
         // 1 clock + 2 random chunks + 1 input come before the output.
         assert_eq!(outputs.0.lock().unwrap()[0].1, 4);
-        let mut rep = Gate::replay(Box::new(VecSource(log.into_iter())), None, Box::new(DropOutputs), 0);
+        let mut rep = Gate::replay(
+            Box::new(VecSource(log.into_iter())),
+            None,
+            Box::new(DropOutputs),
+            0,
+        );
         assert_eq!(session(&mut rep), recorded);
     }
 
     #[test]
     fn asking_for_something_else_diverges() {
         let sink = Shared::default();
-        let mut rec = Gate::record(Box::new(sink.clone()), World::new(None, None), Box::new(DropOutputs), 0);
+        let mut rec = Gate::record(
+            Box::new(sink.clone()),
+            World::new(None, None),
+            Box::new(DropOutputs),
+            0,
+        );
         rec.clock(CLOCK_MONOTONIC).unwrap();
         let log = sink.0.lock().unwrap().clone();
-        let mut rep = Gate::replay(Box::new(VecSource(log.clone().into_iter())), None, Box::new(DropOutputs), 0);
+        let mut rep = Gate::replay(
+            Box::new(VecSource(log.clone().into_iter())),
+            None,
+            Box::new(DropOutputs),
+            0,
+        );
         let err = rep.clock(CLOCK_REALTIME).unwrap_err();
         assert!(err.to_string().contains("diverge"), "{err}");
-        let mut rep = Gate::replay(Box::new(VecSource(log.into_iter())), None, Box::new(DropOutputs), 0);
+        let mut rep = Gate::replay(
+            Box::new(VecSource(log.into_iter())),
+            None,
+            Box::new(DropOutputs),
+            0,
+        );
         let err = rep.random(&mut [0u8; 4]).unwrap_err();
         assert!(matches!(err, VmError::Divergence { .. }), "{err}");
     }
@@ -672,20 +756,46 @@ mod tests {
     #[test]
     fn different_outputs_fail_the_checkpoint() {
         let sink = Shared::default();
-        let mut rec = Gate::record(Box::new(sink.clone()), World::new(None, None), Box::new(DropOutputs), 0);
-        rec.output(Output::Console { fd: 1, bytes: b"a".to_vec() }).unwrap();
+        let mut rec = Gate::record(
+            Box::new(sink.clone()),
+            World::new(None, None),
+            Box::new(DropOutputs),
+            0,
+        );
+        rec.output(Output::Console {
+            fd: 1,
+            bytes: b"a".to_vec(),
+        })
+        .unwrap();
         rec.checkpoint([0; 32], None).unwrap();
         let log = sink.0.lock().unwrap().clone();
-        let mut rep = Gate::replay(Box::new(VecSource(log.into_iter())), None, Box::new(DropOutputs), 0);
-        rep.output(Output::Console { fd: 1, bytes: b"b".to_vec() }).unwrap();
+        let mut rep = Gate::replay(
+            Box::new(VecSource(log.into_iter())),
+            None,
+            Box::new(DropOutputs),
+            0,
+        );
+        rep.output(Output::Console {
+            fd: 1,
+            bytes: b"b".to_vec(),
+        })
+        .unwrap();
         let err = rep.checkpoint([0; 32], None).unwrap_err();
         assert!(err.to_string().contains("outputs differ"), "{err}");
     }
 
     #[test]
     fn log_end_without_takeover_is_an_error_and_with_takeover_goes_live() {
-        let mut rep = Gate::replay(Box::new(VecSource(Vec::new().into_iter())), None, Box::new(DropOutputs), 0);
-        assert!(matches!(rep.clock(CLOCK_REALTIME), Err(VmError::LogEnded(_))));
+        let mut rep = Gate::replay(
+            Box::new(VecSource(Vec::new().into_iter())),
+            None,
+            Box::new(DropOutputs),
+            0,
+        );
+        assert!(matches!(
+            rep.clock(CLOCK_REALTIME),
+            Err(VmError::LogEnded(_))
+        ));
 
         struct Live(Shared);
         impl ReplayEnd for Live {
@@ -699,16 +809,32 @@ mod tests {
         }
         let sink = Shared::default();
         let mut rep = Gate::replay(
-            Box::new(VecSource(vec![(1, Entry::Clock { clock_id: 1, ns: u64::MAX / 2 })].into_iter())),
+            Box::new(VecSource(
+                vec![(
+                    1,
+                    Entry::Clock {
+                        clock_id: 1,
+                        ns: u64::MAX / 2,
+                    },
+                )]
+                .into_iter(),
+            )),
             Some(Box::new(Live(sink.clone()))),
             Box::new(DropOutputs),
             0,
         );
         let first = rep.clock(CLOCK_MONOTONIC).unwrap();
         let second = rep.clock(CLOCK_MONOTONIC).unwrap();
-        assert!(second >= first, "virtual monotonic time went backwards at go-live: {first} -> {second}");
+        assert!(
+            second >= first,
+            "virtual monotonic time went backwards at go-live: {first} -> {second}"
+        );
         assert_eq!(rep.went_live_at(), Some(1));
-        assert_eq!(sink.0.lock().unwrap()[0].0, 2, "the new primary's log continues the sequence");
+        assert_eq!(
+            sink.0.lock().unwrap()[0].0,
+            2,
+            "the new primary's log continues the sequence"
+        );
     }
 }
 

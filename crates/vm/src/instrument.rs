@@ -64,7 +64,10 @@ fn try_export(bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
         let id = bytes[pos];
         pos += 1;
         let size = read_leb(bytes, &mut pos)? as usize;
-        let body = pos..pos.checked_add(size).filter(|&e| e <= bytes.len()).ok_or("section overruns the module")?;
+        let body = pos..pos
+            .checked_add(size)
+            .filter(|&e| e <= bytes.len())
+            .ok_or("section overruns the module")?;
         match id {
             SECTION_GLOBAL => {
                 let mut p = body.start;
@@ -142,17 +145,30 @@ mod tests {
         let names: Vec<_> = module.exports().map(|e| e.name().to_string()).collect();
         assert!(names.contains(&"__ftvm_global_0".to_string()), "{names:?}");
         assert!(names.contains(&"__ftvm_global_1".to_string()));
-        assert!(!names.contains(&"__ftvm_global_2".to_string()), "already exported ones are not doubled");
+        assert!(
+            !names.contains(&"__ftvm_global_2".to_string()),
+            "already exported ones are not doubled"
+        );
         let mut store = wasmtime::Store::new(&engine, ());
         let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
-        instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap().call(&mut store, ()).unwrap();
-        let sp = instance.get_global(&mut store, "__ftvm_global_0").unwrap().get(&mut store);
+        instance
+            .get_typed_func::<(), ()>(&mut store, "_start")
+            .unwrap()
+            .call(&mut store, ())
+            .unwrap();
+        let sp = instance
+            .get_global(&mut store, "__ftvm_global_0")
+            .unwrap()
+            .get(&mut store);
         assert_eq!(sp.i32(), Some(99));
     }
 
     #[test]
     fn garbage_passes_through_unchanged() {
-        assert_eq!(export_all_globals(b"\0asm\x01\0\0\0\x07\xff"), b"\0asm\x01\0\0\0\x07\xff".to_vec());
+        assert_eq!(
+            export_all_globals(b"\0asm\x01\0\0\0\x07\xff"),
+            b"\0asm\x01\0\0\0\x07\xff".to_vec()
+        );
         assert_eq!(export_all_globals(b"(module)"), b"(module)".to_vec());
     }
 }

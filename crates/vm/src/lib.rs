@@ -73,7 +73,9 @@ impl VmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             VmError::BadModule(_) => exit_code::BAD_MODULE,
-            VmError::LogMismatch(_) | VmError::LogCorrupt(_) | VmError::LogEnded(_) => exit_code::BAD_LOG,
+            VmError::LogMismatch(_) | VmError::LogCorrupt(_) | VmError::LogEnded(_) => {
+                exit_code::BAD_LOG
+            }
             VmError::Divergence { .. } => exit_code::DIVERGENCE,
             VmError::Trap { .. } => exit_code::TRAP,
             VmError::OutOfMemory { .. } => exit_code::OUT_OF_MEMORY,
@@ -116,7 +118,10 @@ impl VmImage {
     pub fn disk_hash(dirs: &[PathBuf]) -> Result<String, VmError> {
         for d in dirs {
             if !d.is_dir() {
-                return Err(VmError::Disk(format!("{} is not a readable directory", d.display())));
+                return Err(VmError::Disk(format!(
+                    "{} is not a readable directory",
+                    d.display()
+                )));
             }
         }
         vdisk::VDisk::content_hash(dirs).map_err(VmError::Disk)
@@ -167,10 +172,17 @@ impl Vm {
     pub fn boot(image: &VmImage, gate: Gate) -> Result<Vm, VmError> {
         let spec = image.spec.clone();
         if image.dirs.len() != spec.preopens.len() {
-            return Err(VmError::Config("every preopen needs a host directory".into()));
+            return Err(VmError::Config(
+                "every preopen needs a host directory".into(),
+            ));
         }
         for d in &image.dirs {
-            std::fs::read_dir(d).map_err(|e| VmError::Disk(format!("cannot read preopened directory {}: {e}", d.display())))?;
+            std::fs::read_dir(d).map_err(|e| {
+                VmError::Disk(format!(
+                    "cannot read preopened directory {}: {e}",
+                    d.display()
+                ))
+            })?;
         }
         let engine: Engine = engine::deterministic_engine(spec.limits.fuel)?;
         // Prepared so every global is reachable for the state hash; unparseable bytes pass
@@ -187,7 +199,13 @@ impl Vm {
         };
         let net = spec.nic.as_ref().map(|nic| {
             let mut net = ftvm_net::NetStack::new(
-                ftvm_net::NicConfig { mac: nic.mac, ip: nic.ip, prefix_len: nic.prefix_len, gateway: nic.gateway, mtu: 1500 },
+                ftvm_net::NicConfig {
+                    mac: nic.mac,
+                    ip: nic.ip,
+                    prefix_len: nic.prefix_len,
+                    gateway: nic.gateway,
+                    mtu: 1500,
+                },
                 nic.seed,
             );
             // Announce the VM's MAC/IP at power-on (switches may remember it elsewhere, say where
@@ -212,16 +230,27 @@ impl Vm {
         host.fds.insert(FdKind::Stderr, 0).expect("fd 2");
         for (i, guest) in spec.preopens.iter().enumerate() {
             host.fds
-                .insert(FdKind::Dir { root: i as u32, rel: String::new(), preopen: Some(guest.clone()) }, 0)
+                .insert(
+                    FdKind::Dir {
+                        root: i as u32,
+                        rel: String::new(),
+                        preopen: Some(guest.clone()),
+                    },
+                    0,
+                )
                 .map_err(|_| VmError::Config("too many preopens".into()))?;
         }
         wasi::sock::preopen_listeners(&mut host)?;
 
         let mut store = Store::new(&engine, host);
         store.limiter(|h| &mut h.limits);
-        let instance = linker.instantiate(&mut store, &module).map_err(|e| classify(&mut store, e))?;
+        let instance = linker
+            .instantiate(&mut store, &module)
+            .map_err(|e| classify(&mut store, e))?;
         if spec.limits.fuel {
-            store.set_fuel(wasi::FUEL_START).map_err(|e| VmError::Internal(e.to_string()))?;
+            store
+                .set_fuel(wasi::FUEL_START)
+                .map_err(|e| VmError::Internal(e.to_string()))?;
         }
         let memory = instance
             .get_memory(&mut store, "memory")
@@ -252,7 +281,9 @@ impl Vm {
         let start = self
             .instance
             .get_typed_func::<(), ()>(&mut self.store, "_start")
-            .map_err(|e| VmError::BadModule(format!("`_start` is not a function of no arguments: {e}")))?;
+            .map_err(|e| {
+                VmError::BadModule(format!("`_start` is not a function of no arguments: {e}"))
+            })?;
         let result = start.call(&mut self.store, ());
         let code = match result {
             Ok(()) => 0,
@@ -268,7 +299,9 @@ impl Vm {
                         self.store.data_mut().gate.power_off()?;
                         return Ok(VmOutcome::PoweredOff);
                     }
-                    if let VmError::Trap { message, .. } | VmError::OutOfMemory { message, .. } = &err {
+                    if let VmError::Trap { message, .. } | VmError::OutOfMemory { message, .. } =
+                        &err
+                    {
                         let message = message.clone();
                         self.final_checkpoint()?;
                         self.store.data_mut().gate.trap(&message)?;
@@ -300,13 +333,19 @@ fn classify(store: &mut Store<Host>, e: wasmtime::Error) -> VmError {
         Ok(vm) => return vm,
         Err(e) => e,
     };
-    let backtrace = e.downcast_ref::<wasmtime::WasmBacktrace>().map(|b| format!("{b}")).unwrap_or_default();
+    let backtrace = e
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|b| format!("{b}"))
+        .unwrap_or_default();
     let message = match e.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
         None => engine::first_line(&e),
     };
     if store.data().limits.memory_refused {
-        return VmError::OutOfMemory { cap_bytes: store.data().spec.limits.memory_bytes_max, message };
+        return VmError::OutOfMemory {
+            cap_bytes: store.data().spec.limits.memory_bytes_max,
+            message,
+        };
     }
     VmError::Trap { message, backtrace }
 }

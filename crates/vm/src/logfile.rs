@@ -21,12 +21,18 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn create(path: &Path, header: &LogHeader) -> Result<FileSink, VmError> {
-        let file = File::create(path).map_err(|e| VmError::LogWrite(format!("cannot create {}: {e}", path.display())))?;
+        let file = File::create(path)
+            .map_err(|e| VmError::LogWrite(format!("cannot create {}: {e}", path.display())))?;
         let mut out = BufWriter::with_capacity(FILE_BUFFER_BYTES, file);
         let name = path.display().to_string();
         write_header(&mut out, header).map_err(|e| VmError::LogWrite(format!("{name}: {e}")))?;
-        out.flush().map_err(|e| VmError::LogWrite(format!("{name}: {e}")))?;
-        Ok(FileSink { out, scratch: Vec::new(), path: name })
+        out.flush()
+            .map_err(|e| VmError::LogWrite(format!("{name}: {e}")))?;
+        Ok(FileSink {
+            out,
+            scratch: Vec::new(),
+            path: name,
+        })
     }
 }
 
@@ -34,10 +40,14 @@ impl LogSink for FileSink {
     fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
         self.scratch.clear();
         entry.encode_framed(seq, &mut self.scratch);
-        self.out.write_all(&self.scratch).map_err(|e| VmError::LogWrite(format!("{}: {e}", self.path)))
+        self.out
+            .write_all(&self.scratch)
+            .map_err(|e| VmError::LogWrite(format!("{}: {e}", self.path)))
     }
     fn flush(&mut self) -> Result<(), VmError> {
-        self.out.flush().map_err(|e| VmError::LogWrite(format!("{}: {e}", self.path)))
+        self.out
+            .flush()
+            .map_err(|e| VmError::LogWrite(format!("{}: {e}", self.path)))
     }
 }
 
@@ -53,8 +63,10 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<FileSource, VmError> {
-        let file = File::open(path).map_err(|e| VmError::LogCorrupt(format!("cannot open {}: {e}", path.display())))?;
-        let reader = LogReader::open(BufReader::new(file)).map_err(|e| VmError::LogCorrupt(format!("{}: {e}", path.display())))?;
+        let file = File::open(path)
+            .map_err(|e| VmError::LogCorrupt(format!("cannot open {}: {e}", path.display())))?;
+        let reader = LogReader::open(BufReader::new(file))
+            .map_err(|e| VmError::LogCorrupt(format!("{}: {e}", path.display())))?;
         Ok(FileSource { reader })
     }
     pub fn header(&self) -> &LogHeader {
@@ -64,6 +76,8 @@ impl FileSource {
 
 impl LogSource for FileSource {
     fn next_entry(&mut self) -> Result<Option<(u64, Entry)>, VmError> {
-        self.reader.next_entry().map_err(|e| VmError::LogCorrupt(e.to_string()))
+        self.reader
+            .next_entry()
+            .map_err(|e| VmError::LogCorrupt(e.to_string()))
     }
 }

@@ -48,7 +48,10 @@ pub struct VDisk {
 
 impl VDisk {
     pub fn new(roots: Vec<PathBuf>) -> VDisk {
-        VDisk { roots, meta: DiskMeta::default() }
+        VDisk {
+            roots,
+            meta: DiskMeta::default(),
+        }
     }
 
     pub fn root_count(&self) -> usize {
@@ -101,12 +104,19 @@ impl VDisk {
     }
 
     pub fn root_path(&self, root: u32) -> Result<&Path, Errno> {
-        self.roots.get(root as usize).map(PathBuf::as_path).ok_or(errno::BADF)
+        self.roots
+            .get(root as usize)
+            .map(PathBuf::as_path)
+            .ok_or(errno::BADF)
     }
 
     pub fn host_path(&self, root: u32, rel: &str) -> Result<PathBuf, Errno> {
         let base = self.root_path(root)?;
-        Ok(if rel.is_empty() { base.to_path_buf() } else { base.join(rel) })
+        Ok(if rel.is_empty() {
+            base.to_path_buf()
+        } else {
+            base.join(rel)
+        })
     }
 
     pub fn ino(root: u32, rel: &str) -> u64 {
@@ -120,11 +130,20 @@ impl VDisk {
     }
 
     pub fn mtime(&self, root: u32, rel: &str) -> u64 {
-        self.meta.times.get(&root).and_then(|t| t.get(rel)).copied().unwrap_or(0)
+        self.meta
+            .times
+            .get(&root)
+            .and_then(|t| t.get(rel))
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn touch(&mut self, root: u32, rel: &str, now_ns: u64) {
-        self.meta.times.entry(root).or_default().insert(rel.to_string(), now_ns);
+        self.meta
+            .times
+            .entry(root)
+            .or_default()
+            .insert(rel.to_string(), now_ns);
     }
 
     pub fn forget(&mut self, root: u32, rel: &str) {
@@ -140,7 +159,12 @@ impl VDisk {
             .meta
             .times
             .get(&root)
-            .map(|t| t.iter().filter(|(p, _)| *p == from || p.starts_with(&prefix)).map(|(p, v)| (p.clone(), *v)).collect())
+            .map(|t| {
+                t.iter()
+                    .filter(|(p, _)| *p == from || p.starts_with(&prefix))
+                    .map(|(p, v)| (p.clone(), *v))
+                    .collect()
+            })
             .unwrap_or_default();
         self.forget(root, from);
         self.forget(to_root, to);
@@ -161,9 +185,17 @@ impl VDisk {
     }
 }
 
-fn hash_tree(root: &Path, dir: &Path, hasher: &mut blake3::Hasher, depth: usize) -> Result<(), String> {
+fn hash_tree(
+    root: &Path,
+    dir: &Path,
+    hasher: &mut blake3::Hasher,
+    depth: usize,
+) -> Result<(), String> {
     if depth > PATH_DEPTH_MAX {
-        return Err(format!("{} nests deeper than {PATH_DEPTH_MAX} directories", dir.display()));
+        return Err(format!(
+            "{} nests deeper than {PATH_DEPTH_MAX} directories",
+            dir.display()
+        ));
     }
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?
@@ -173,13 +205,19 @@ fn hash_tree(root: &Path, dir: &Path, hasher: &mut blake3::Hasher, depth: usize)
     names.sort();
     for name in names {
         let path = dir.join(&name);
-        let rel = path.strip_prefix(root).expect("inside root").to_string_lossy().into_owned();
-        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+        let rel = path
+            .strip_prefix(root)
+            .expect("inside root")
+            .to_string_lossy()
+            .into_owned();
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
         hasher.update(rel.as_bytes());
         hasher.update(&[0]);
         if meta.file_type().is_symlink() {
             hasher.update(b"L");
-            let target = std::fs::read_link(&path).map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
+            let target = std::fs::read_link(&path)
+                .map_err(|e| format!("cannot read link {}: {e}", path.display()))?;
             hasher.update(target.to_string_lossy().as_bytes());
         } else if meta.is_dir() {
             hasher.update(b"D");
@@ -187,10 +225,13 @@ fn hash_tree(root: &Path, dir: &Path, hasher: &mut blake3::Hasher, depth: usize)
         } else {
             hasher.update(b"F");
             hasher.update(&meta.len().to_le_bytes());
-            let mut file = std::fs::File::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let mut file = std::fs::File::open(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let mut buf = vec![0u8; 1 << 16];
             loop {
-                let n = file.read(&mut buf).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let n = file
+                    .read(&mut buf)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
                 if n == 0 {
                     break;
                 }

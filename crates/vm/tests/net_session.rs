@@ -23,7 +23,11 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x02];
 
 fn kv_guest() -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guests/build/kv.wasm");
-    assert!(p.exists(), "{} is missing: run `bash scripts/setup.sh` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `bash scripts/setup.sh` first",
+        p.display()
+    );
     p
 }
 
@@ -37,7 +41,13 @@ fn image() -> VmImage {
             env: vec![],
             preopens: vec![],
             listeners: vec![6379],
-            nic: Some(NicSpec { mac: VM_MAC, ip: [198, 18, 0, 1], prefix_len: 24, gateway: None, seed: 42 }),
+            nic: Some(NicSpec {
+                mac: VM_MAC,
+                ip: [198, 18, 0, 1],
+                prefix_len: 24,
+                gateway: None,
+                seed: 42,
+            }),
             limits: Limits::default(),
         },
         dirs: vec![],
@@ -117,12 +127,29 @@ impl Client {
         config.random_seed = 7;
         let start = StdInstant::now();
         let mut iface = Interface::new(config, &mut dev, Instant::from_micros(0));
-        iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::v4(198, 18, 0, 2), 24)).unwrap());
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::v4(198, 18, 0, 2), 24))
+                .unwrap()
+        });
         let mut sockets = SocketSet::new(Vec::new());
-        let sock = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+        let sock = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; 65536]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
         let handle = sockets.add(sock);
-        sockets.get_mut::<tcp::Socket>(handle).connect(iface.context(), (IpAddress::v4(198, 18, 0, 1), 6379), 40000).unwrap();
-        Client { dev, iface, sockets, handle, start, to_vm, from_vm }
+        sockets
+            .get_mut::<tcp::Socket>(handle)
+            .connect(iface.context(), (IpAddress::v4(198, 18, 0, 1), 6379), 40000)
+            .unwrap();
+        Client {
+            dev,
+            iface,
+            sockets,
+            handle,
+            start,
+            to_vm,
+            from_vm,
+        }
     }
 
     fn now(&self) -> Instant {
@@ -146,7 +173,12 @@ impl Client {
         let mut sent = 0;
         let mut got = Vec::new();
         while got.len() < reply_len {
-            assert!(StdInstant::now() < deadline, "no full reply to {:?}; got {:?}", String::from_utf8_lossy(req), String::from_utf8_lossy(&got));
+            assert!(
+                StdInstant::now() < deadline,
+                "no full reply to {:?}; got {:?}",
+                String::from_utf8_lossy(req),
+                String::from_utf8_lossy(&got)
+            );
             self.pump();
             let s = self.sockets.get_mut::<tcp::Socket>(self.handle);
             if s.can_send() && sent < req.len() {
@@ -184,22 +216,39 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
     let (frames_out, from_vm) = unbounded::<Vec<u8>>();
     let (control_tx, control_rx) = unbounded::<ControlOp>();
     let recorded = Arc::new(Mutex::new(Vec::new()));
-    let port = Port { frames: Some(frames_out), log: recorded.clone() };
+    let port = Port {
+        frames: Some(frames_out),
+        log: recorded.clone(),
+    };
     let header = image.header().unwrap();
     let sink = FileSink::create(&log, &header).unwrap();
     let vm_thread = std::thread::spawn(move || {
-        let gate = Gate::record(Box::new(sink), World::new(Some(frames_in), Some(control_rx)), Box::new(port), 256);
+        let gate = Gate::record(
+            Box::new(sink),
+            World::new(Some(frames_in), Some(control_rx)),
+            Box::new(port),
+            256,
+        );
         let mut vm = Vm::boot(&image, gate).unwrap();
         vm.run()
     });
 
     let mut client = Client::new(to_vm, from_vm);
     assert_eq!(client.request(&resp(&["PING"]), 7), b"+PONG\r\n");
-    assert_eq!(client.request(&resp(&["SET", "greeting", "hello"]), 5), b"+OK\r\n");
-    assert_eq!(client.request(&resp(&["GET", "greeting"]), 11), b"$5\r\nhello\r\n");
+    assert_eq!(
+        client.request(&resp(&["SET", "greeting", "hello"]), 5),
+        b"+OK\r\n"
+    );
+    assert_eq!(
+        client.request(&resp(&["GET", "greeting"]), 11),
+        b"$5\r\nhello\r\n"
+    );
     for i in 1..=20 {
         let want = format!(":{i}\r\n");
-        assert_eq!(client.request(&resp(&["INCR", "n"]), want.len()), want.as_bytes());
+        assert_eq!(
+            client.request(&resp(&["INCR", "n"]), want.len()),
+            want.as_bytes()
+        );
     }
     // Pipelining: three requests in one write.
     let mut pipe = resp(&["INCR", "n"]);
@@ -215,7 +264,10 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
     let source = FileSource::open(&log).unwrap();
     image.check_log_header(source.header()).unwrap();
     let replayed = Arc::new(Mutex::new(Vec::new()));
-    let port = Port { frames: None, log: replayed.clone() };
+    let port = Port {
+        frames: None,
+        log: replayed.clone(),
+    };
     let gate = Gate::replay(Box::new(source), None, Box::new(port), 256);
     let mut vm = Vm::boot(&image, gate).unwrap();
     assert_eq!(vm.run().unwrap(), VmOutcome::PoweredOff);
@@ -223,6 +275,10 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
     let b = replayed.lock().unwrap();
     let frames = a.iter().filter(|o| matches!(o, Output::Frame(_))).count();
     assert!(frames > 40, "the session produced frames ({frames})");
-    assert_eq!(a.len(), b.len(), "replay emitted a different number of outputs");
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "replay emitted a different number of outputs"
+    );
     assert!(*a == *b, "replay emitted different outputs");
 }

@@ -28,7 +28,11 @@ const TICK_MS: u64 = 5;
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
     let stream = connect(&node)?;
-    let reader_rx = link::spawn_reader(stream.try_clone().map_err(|e| Failure::usage(e.to_string()))?);
+    let reader_rx = link::spawn_reader(
+        stream
+            .try_clone()
+            .map_err(|e| Failure::usage(e.to_string()))?,
+    );
     let blink = handshake(&stream, &reader_rx, &node, &header).map_err(|why| Failure {
         code: exit_code::HALTED,
         message: format!("no pairing with the primary: {why}"),
@@ -58,7 +62,10 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         received_seq: 0,
         bytes_received: 0,
     };
-    let driver_thread = std::thread::Builder::new().name("ftvm-driver".into()).spawn(move || driver.run()).expect("spawn driver");
+    let driver_thread = std::thread::Builder::new()
+        .name("ftvm-driver".into())
+        .spawn(move || driver.run())
+        .expect("spawn driver");
 
     let (control_tx, control_rx) = bounded::<ControlOp>(4);
     let takeover = Takeover {
@@ -71,9 +78,14 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         control_tx: Some(control_tx),
         live: live.clone(),
         clean_end: clean_end.clone(),
+        status_file: node.status_file.clone(),
     };
     let source: Box<dyn ftvm_vm::LogSource> = Box::new(ChannelSource::new(replay_rx, replayed));
-    let source = if node.slow_replay_us > 0 { Box::new(SlowSource(source, node.slow_replay_us)) } else { source };
+    let source = if node.slow_replay_us > 0 {
+        Box::new(SlowSource(source, node.slow_replay_us))
+    } else {
+        source
+    };
     let gate = Gate::replay(
         source,
         Some(Box::new(takeover)),
@@ -88,7 +100,14 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let _ = driver_thread.join();
     match outcome {
         Ok(VmOutcome::Exited(c)) => {
-            eprintln!("ftvm: guest exited with {c}{}", if went_live.is_some() { " (after going live)" } else { " (replayed)" });
+            eprintln!(
+                "ftvm: guest exited with {c}{}",
+                if went_live.is_some() {
+                    " (after going live)"
+                } else {
+                    " (replayed)"
+                }
+            );
             Ok((c & 0xff) as i32)
         }
         Ok(VmOutcome::PoweredOff) => {
@@ -101,18 +120,33 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 }
 
 /// Waits for the primary's Hello and answers it.
-fn handshake(stream: &TcpStream, reader_rx: &Receiver<link::FromPeer>, node: &Node, header: &ftvm_log::LogHeader) -> Result<BackupLink, String> {
+fn handshake(
+    stream: &TcpStream,
+    reader_rx: &Receiver<link::FromPeer>,
+    node: &Node,
+    header: &ftvm_log::LogHeader,
+) -> Result<BackupLink, String> {
     // Any epoch the primary won is acceptable at pairing time: the link adopts the Hello's epoch.
-    let mut blink = BackupLink::new(link::config(&node.ft), 1, link::expect(node, config_hash(header), disk_hash_bytes(header)), now_ms())
-        .map_err(|e| e.to_string())?;
+    let mut blink = BackupLink::new(
+        link::config(&node.ft),
+        1,
+        link::expect(node, config_hash(header), disk_hash_bytes(header)),
+        now_ms(),
+    )
+    .map_err(|e| e.to_string())?;
     loop {
         let frame = link::next_frame(reader_rx)?;
-        for action in blink.on_message(frame, now_ms()).map_err(|e| e.to_string())? {
+        for action in blink
+            .on_message(frame, now_ms())
+            .map_err(|e| e.to_string())?
+        {
             match action {
                 Action::Send(f) => link::write_frame(stream, &f).map_err(|e| e.to_string())?,
                 Action::HandshakeDone => return Ok(blink),
                 Action::HandshakeRejected { reason } => return Err(reason),
-                Action::StaleEpoch { theirs, ours } => return Err(format!("the primary is in epoch {theirs}, below {ours}")),
+                Action::StaleEpoch { theirs, ours } => {
+                    return Err(format!("the primary is in epoch {theirs}, below {ours}"))
+                }
                 _ => {}
             }
         }
@@ -164,7 +198,8 @@ impl Driver {
         while !self.live.load(Ordering::SeqCst) {
             let now = now_ms();
             self.forward_records();
-            let replay_room = self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) && self.link.wants_records();
+            let replay_room = self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full())
+                && self.link.wants_records();
             let never = crossbeam_channel::never();
             select! {
                 recv(if replay_room { &self.reader_rx } else { &never }) -> msg => {
@@ -226,7 +261,9 @@ impl Driver {
                     self.end_of_log();
                 }
                 Action::StaleEpoch { theirs, ours } => {
-                    eprintln!("ftvm: a frame from stale epoch {theirs} (ours is {ours}) was not applied");
+                    eprintln!(
+                        "ftvm: a frame from stale epoch {theirs} (ours is {ours}) was not applied"
+                    );
                 }
                 _ => {}
             }
@@ -244,7 +281,9 @@ impl Driver {
     /// Moves received records to the replaying VM, checking each entry's own checksum.
     fn forward_records(&mut self) {
         while self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) {
-            let Some(record) = self.link.pop_record() else { return };
+            let Some(record) = self.link.pop_record() else {
+                return;
+            };
             match ftvm_log::decode_framed(&record.bytes, record.seq) {
                 Ok((s, entry)) if s == record.seq => {
                     self.received_seq = record.seq;
@@ -253,12 +292,18 @@ impl Driver {
                     }
                 }
                 Ok((s, _)) => {
-                    eprintln!("ftvm: log record {} carries entry {s}; not applied, dropping the channel", record.seq);
+                    eprintln!(
+                        "ftvm: log record {} carries entry {s}; not applied, dropping the channel",
+                        record.seq
+                    );
                     self.end_of_log();
                     return;
                 }
                 Err(e) => {
-                    eprintln!("ftvm: log record {} is corrupt ({e}); not applied, dropping the channel", record.seq);
+                    eprintln!(
+                        "ftvm: log record {} is corrupt ({e}); not applied, dropping the channel",
+                        record.seq
+                    );
                     self.end_of_log();
                     return;
                 }
@@ -304,6 +349,7 @@ struct Takeover {
     control_tx: Option<Sender<ControlOp>>,
     live: Arc<AtomicBool>,
     clean_end: Arc<AtomicBool>,
+    status_file: Option<std::path::PathBuf>,
 }
 
 impl ReplayEnd for Takeover {
@@ -316,8 +362,16 @@ impl ReplayEnd for Takeover {
         eprintln!("ftvm: replayed the whole log (entry {last_seq}); claiming epoch {next}");
         match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
             Ok(true) => {}
-            Ok(false) => return Err(VmError::Halted(format!("the primary kept epoch {next}; this backup halts"))),
-            Err(e) => return Err(VmError::Halted(format!("tiebreaker unreachable ({e}); halting rather than risk two primaries"))),
+            Ok(false) => {
+                return Err(VmError::Halted(format!(
+                    "the primary kept epoch {next}; this backup halts"
+                )))
+            }
+            Err(e) => {
+                return Err(VmError::Halted(format!(
+                    "tiebreaker unreachable ({e}); halting rather than risk two primaries"
+                )))
+            }
         }
         self.live.store(true, Ordering::SeqCst);
         let attachment = self.attachment.lock().expect("attachment lock").take();
@@ -334,6 +388,26 @@ impl ReplayEnd for Takeover {
             let _ = super::install_power_off_signal(tx);
         }
         eprintln!("ftvm: LIVE: won epoch {next}; this replica is now the primary (alone)");
+        // Record the new role for `ftvm status` once the driver (which is stopping) is gone;
+        // off this thread, so going live is not delayed.
+        let (status_file, vm_id) = (self.status_file.clone(), self.vm_id.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2 * super::status::STATUS_INTERVAL_MS));
+            StatusWriter::new(status_file).maybe_write(now_ms(), || Status {
+                role: "primary (alone, went live)".into(),
+                vm: vm_id,
+                epoch: next,
+                peer: None,
+                last_seq,
+                acked_seq: last_seq,
+                lag_entries: 0,
+                lag_ms: 0,
+                log_bytes_sent: 0,
+                outputs_held: 0,
+                outputs_held_bytes: 0,
+                slowdown_permille: 0,
+            });
+        });
         let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = transmit.map(|t| {
             let f: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| t.send(frame));
             f

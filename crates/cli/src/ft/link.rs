@@ -23,7 +23,9 @@ pub enum FromPeer {
 
 pub fn approx_size(msg: &Message) -> u64 {
     match msg {
-        Message::Records { records, .. } => records.iter().map(|r| r.len() as u64 + 4).sum::<u64>() + 36,
+        Message::Records { records, .. } => {
+            records.iter().map(|r| r.len() as u64 + 4).sum::<u64>() + 36
+        }
         _ => 48,
     }
 }
@@ -87,20 +89,35 @@ pub fn next_frame(rx: &Receiver<FromPeer>) -> Result<Frame, String> {
     match rx.recv_timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)) {
         Ok(FromPeer::Frame(f)) => Ok(f),
         Ok(FromPeer::Closed(why)) => Err(why),
-        Err(_) => Err(format!("no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms")),
+        Err(_) => Err(format!(
+            "no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms"
+        )),
     }
 }
 
 pub fn write_frame(stream: &TcpStream, frame: &Frame) -> std::io::Result<()> {
-    let bytes = frame.encode().expect("frames built by ftvm are within the wire limits");
+    let bytes = frame
+        .encode()
+        .expect("frames built by ftvm are within the wire limits");
     let mut s = stream;
     s.write_all(&bytes)
 }
 
 pub fn hello(node: &Node, config: [u8; 32], disk: [u8; 32]) -> Hello {
-    Hello { vm_id: node.vm_id.clone(), role: WireRole::Primary, config_hash: config, disk_hash: disk, start_seq: 1 }
+    Hello {
+        vm_id: node.vm_id.clone(),
+        role: WireRole::Primary,
+        config_hash: config,
+        disk_hash: disk,
+        start_seq: 1,
+    }
 }
 
 pub fn expect(node: &Node, config: [u8; 32], disk: [u8; 32]) -> ftvm_repl::BackupExpect {
-    ftvm_repl::BackupExpect { vm_id: node.vm_id.clone(), config_hash: config, disk_hash: disk, next_seq: 1 }
+    ftvm_repl::BackupExpect {
+        vm_id: node.vm_id.clone(),
+        config_hash: config,
+        disk_hash: disk,
+        next_seq: 1,
+    }
 }

@@ -74,29 +74,62 @@ pub struct Node {
 pub fn main(args: &[String]) -> Result<i32, Failure> {
     let p = parse(
         args,
-        &["vm", "as", "log", "tap", "fault", "tiebreak", "owner", "status-file", "disk", "wait-ms", "corrupt-log-frame", "record", "slow-replay-us"],
+        &[
+            "vm",
+            "as",
+            "log",
+            "tap",
+            "fault",
+            "tiebreak",
+            "owner",
+            "status-file",
+            "disk",
+            "wait-ms",
+            "corrupt-log-frame",
+            "record",
+            "slow-replay-us",
+        ],
         &[],
         false,
     )?;
-    let need = |k: &str| p.one(k).ok_or_else(|| Failure::usage(format!("ftvm ft needs --{k}")));
+    let need = |k: &str| {
+        p.one(k)
+            .ok_or_else(|| Failure::usage(format!("ftvm ft needs --{k}")))
+    };
     let role = match need("as")?.as_str() {
         "primary" => Role::Primary,
         "backup" => Role::Backup,
-        other => return Err(Failure::usage(format!("--as {other}: expected primary or backup"))),
+        other => {
+            return Err(Failure::usage(format!(
+                "--as {other}: expected primary or backup"
+            )))
+        }
     };
     let (def, base) = VmDef::load(std::path::Path::new(&need("vm")?))?;
     let mut disks = Vec::new();
     for d in p.all("disk") {
-        let (h, g) = d.split_once("::").ok_or_else(|| Failure::usage(format!("--disk {d:?}: expected HOST_DIR::GUEST_DIR")))?;
+        let (h, g) = d
+            .split_once("::")
+            .ok_or_else(|| Failure::usage(format!("--disk {d:?}: expected HOST_DIR::GUEST_DIR")))?;
         disks.push((PathBuf::from(h), g.to_string()));
     }
     let (spec, dirs) = def.spec(&base, &disks)?;
     let module_path = def.module_path(&base);
     let (name, bytes) = crate::cli::read_module(module_path.to_str().unwrap_or_default())?;
-    let image = VmImage { name, module_bytes: bytes, spec, dirs };
-    let log_addr: SocketAddr = need("log")?.parse().map_err(|_| Failure::usage("--log: expected ADDR:PORT"))?;
-    let tiebreak: std::sync::Arc<dyn TestAndSet> = crate::tiebreak_spec::parse(&need("tiebreak")?)?.into();
-    let owner = p.one("owner").unwrap_or_else(|| format!("{}-{:?}-{}", hostname(), role, std::process::id()));
+    let image = VmImage {
+        name,
+        module_bytes: bytes,
+        spec,
+        dirs,
+    };
+    let log_addr: SocketAddr = need("log")?
+        .parse()
+        .map_err(|_| Failure::usage("--log: expected ADDR:PORT"))?;
+    let tiebreak: std::sync::Arc<dyn TestAndSet> =
+        crate::tiebreak_spec::parse(&need("tiebreak")?)?.into();
+    let owner = p
+        .one("owner")
+        .unwrap_or_else(|| format!("{}-{:?}-{}", hostname(), role, std::process::id()));
     let wait_ms = p.number::<u64>("wait-ms")?.unwrap_or(match role {
         Role::Primary => BACKUP_WAIT_MS_DEFAULT,
         Role::Backup => CONNECT_WAIT_MS_DEFAULT,
@@ -118,7 +151,9 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
     };
     if node.image.spec.nic.is_some() != node.tap.is_some() {
-        return Err(Failure::usage("a VM with a [nic] needs --tap NAME (and --tap needs a [nic])"));
+        return Err(Failure::usage(
+            "a VM with a [nic] needs --tap NAME (and --tap needs a [nic])",
+        ));
     }
     match role {
         Role::Primary => primary::run(node),
@@ -127,7 +162,9 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
 }
 
 /// The hash both replicas compare in the handshake: module, VM definition and engine.
@@ -145,7 +182,9 @@ pub fn disk_hash_bytes(header: &ftvm_log::LogHeader) -> [u8; 32] {
 
 /// Opens the VM's NIC attachment (TAP), if it has one.
 pub fn attach(node: &Node, enabled: bool) -> Result<Option<Nic>, Failure> {
-    let Some(tap) = &node.tap else { return Ok(None) };
+    let Some(tap) = &node.tap else {
+        return Ok(None);
+    };
     let att = Nic::open(tap, node.fault.as_deref()).map_err(|e| Failure {
         code: ftvm_vm::exit_code::IO,
         message: format!("cannot attach to TAP device {tap}: {e}"),
@@ -158,7 +197,10 @@ pub fn attach(node: &Node, enabled: bool) -> Result<Option<Nic>, Failure> {
 pub fn now_ms() -> u64 {
     // The replication protocol's own clock (timeouts, heartbeats): the host's monotonic clock.
     // It never reaches the guest.
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
@@ -172,7 +214,9 @@ fn set_stream_options(stream: &TcpStream) -> std::io::Result<()> {
 /// Installs SIGTERM/SIGINT handlers that request a power-off, delivered to the VM through the
 /// log (a control operation), so every replica stops at the same point. Returns a guard; the
 /// watcher thread ends when the VM's control channel closes.
-pub fn install_power_off_signal(control: crossbeam_channel::Sender<ftvm_log::ControlOp>) -> std::thread::JoinHandle<()> {
+pub fn install_power_off_signal(
+    control: crossbeam_channel::Sender<ftvm_log::ControlOp>,
+) -> std::thread::JoinHandle<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     static FLAG: AtomicBool = AtomicBool::new(false);
     extern "C" fn on_signal(_: libc::c_int) {

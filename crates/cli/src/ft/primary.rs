@@ -31,15 +31,34 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         .map(|(e, _)| e)
         .unwrap_or(0)
         + 1;
-    if !crate::tiebreak_spec::claim(&*node.tiebreak, &node.vm_id, epoch, &node.owner).map_err(Failure::usage)? {
-        return Err(Failure { code: exit_code::HALTED, message: format!("another replica holds epoch {epoch}"), detail: String::new() });
+    if !crate::tiebreak_spec::claim(&*node.tiebreak, &node.vm_id, epoch, &node.owner)
+        .map_err(Failure::usage)?
+    {
+        return Err(Failure {
+            code: exit_code::HALTED,
+            message: format!("another replica holds epoch {epoch}"),
+            detail: String::new(),
+        });
     }
-    eprintln!("ftvm: primary of {} at epoch {epoch}; waiting for the backup on {}", node.vm_id, node.log_addr);
+    eprintln!(
+        "ftvm: primary of {} at epoch {epoch}; waiting for the backup on {}",
+        node.vm_id, node.log_addr
+    );
 
-    let listener = TcpListener::bind(node.log_addr)
-        .map_err(|e| Failure::usage(format!("cannot listen for the log channel on {}: {e}", node.log_addr)))?;
+    let listener = TcpListener::bind(node.log_addr).map_err(|e| {
+        Failure::usage(format!(
+            "cannot listen for the log channel on {}: {e}",
+            node.log_addr
+        ))
+    })?;
     let (stream, reader_rx, link) = accept_backup(&listener, &node, &header, epoch)?;
-    eprintln!("ftvm: backup connected from {}", stream.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+    eprintln!(
+        "ftvm: backup connected from {}",
+        stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
 
     let attachment = super::attach(&node, true)?;
     let (vm_tx, vm_rx) = bounded::<ToDriver>(VM_QUEUE_ITEMS_MAX);
@@ -49,12 +68,27 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 
     let frames_rx = attachment.as_ref().map(|a| a.receiver());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
-    let driver = Driver::new(&node, epoch, link, stream, transmit, pacing.clone(), reader_rx, vm_rx);
-    let driver_thread = std::thread::Builder::new().name("ftvm-driver".into()).spawn(move || driver.run()).expect("spawn driver");
+    let driver = Driver::new(
+        &node,
+        epoch,
+        link,
+        stream,
+        transmit,
+        pacing.clone(),
+        reader_rx,
+        vm_rx,
+    );
+    let driver_thread = std::thread::Builder::new()
+        .name("ftvm-driver".into())
+        .spawn(move || driver.run())
+        .expect("spawn driver");
 
     let channel: Box<dyn ftvm_vm::LogSink> = Box::new(ChannelSink::new(vm_tx.clone(), pacing));
     let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
-        Some(path) => Box::new(ftvm_vm::gate::TeeSink(channel, Box::new(ftvm_vm::logfile::FileSink::create(path, &header)?))),
+        Some(path) => Box::new(ftvm_vm::gate::TeeSink(
+            channel,
+            Box::new(ftvm_vm::logfile::FileSink::create(path, &header)?),
+        )),
         None => channel,
     };
     let gate = Gate::record(
@@ -89,13 +123,22 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 
 type Accepted = (TcpStream, Receiver<link::FromPeer>, PrimaryLink);
 
-fn accept_backup(listener: &TcpListener, node: &Node, header: &ftvm_log::LogHeader, epoch: u64) -> Result<Accepted, Failure> {
-    listener.set_nonblocking(true).map_err(|e| Failure::usage(e.to_string()))?;
+fn accept_backup(
+    listener: &TcpListener,
+    node: &Node,
+    header: &ftvm_log::LogHeader,
+    epoch: u64,
+) -> Result<Accepted, Failure> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Failure::usage(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_millis(node.wait_ms);
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                stream.set_nonblocking(false).map_err(|e| Failure::usage(e.to_string()))?;
+                stream
+                    .set_nonblocking(false)
+                    .map_err(|e| Failure::usage(e.to_string()))?;
                 super::set_stream_options(&stream).map_err(|e| Failure::usage(e.to_string()))?;
                 match handshake(stream, node, header, epoch) {
                     Ok(accepted) => return Ok(accepted),
@@ -119,18 +162,28 @@ fn accept_backup(listener: &TcpListener, node: &Node, header: &ftvm_log::LogHead
 
 /// Sends Hello, waits for the backup's answer. The reader thread is started first, so no byte the
 /// backup sends after its answer is lost.
-fn handshake(stream: TcpStream, node: &Node, header: &ftvm_log::LogHeader, epoch: u64) -> Result<Accepted, String> {
+fn handshake(
+    stream: TcpStream,
+    node: &Node,
+    header: &ftvm_log::LogHeader,
+    epoch: u64,
+) -> Result<Accepted, String> {
     let reader_rx = link::spawn_reader(stream.try_clone().map_err(|e| e.to_string())?);
     let hello = link::hello(node, config_hash(header), disk_hash_bytes(header));
-    let (mut plink, actions) = PrimaryLink::new(link::config(&node.ft), epoch, hello, now_ms()).map_err(|e| e.to_string())?;
+    let (mut plink, actions) = PrimaryLink::new(link::config(&node.ft), epoch, hello, now_ms())
+        .map_err(|e| e.to_string())?;
     let mut pending = actions;
     let deadline = Instant::now() + Duration::from_millis(link::HANDSHAKE_TIMEOUT_MS);
     loop {
         for action in std::mem::take(&mut pending) {
             match action {
-                Action::Send(frame) => link::write_frame(&stream, &frame).map_err(|e| e.to_string())?,
+                Action::Send(frame) => {
+                    link::write_frame(&stream, &frame).map_err(|e| e.to_string())?
+                }
                 Action::HandshakeDone => return Ok((stream, reader_rx, plink)),
-                Action::HandshakeRejected { reason } => return Err(format!("the backup refused: {reason}")),
+                Action::HandshakeRejected { reason } => {
+                    return Err(format!("the backup refused: {reason}"))
+                }
                 Action::Superseded { theirs, .. } | Action::StaleEpoch { theirs, .. } => {
                     return Err(format!("the backup is in epoch {theirs}"))
                 }
@@ -141,7 +194,9 @@ fn handshake(stream: TcpStream, node: &Node, header: &ftvm_log::LogHeader, epoch
             return Err("handshake timed out".into());
         }
         let frame = link::next_frame(&reader_rx)?;
-        pending = plink.on_message(frame, now_ms()).map_err(|e| e.to_string())?;
+        pending = plink
+            .on_message(frame, now_ms())
+            .map_err(|e| e.to_string())?;
     }
 }
 
@@ -217,7 +272,8 @@ impl Driver {
                 self.check_still_current()?;
             }
             self.last_loop_ms = now;
-            let accept_vm = !self.vm_done && (self.alone || (!self.link.is_stalled() && !self.rule.is_full()));
+            let accept_vm =
+                !self.vm_done && (self.alone || (!self.link.is_stalled() && !self.rule.is_full()));
             let never = crossbeam_channel::never();
             select! {
                 recv(if accept_vm { &self.vm_rx } else { &never }) -> item => match item {
@@ -323,11 +379,13 @@ impl Driver {
                 }
                 Action::Pace(p) => {
                     self.lag_ms = p.lag_ms;
-                    self.pacing.slowdown_permille.store(p.slowdown_permille as u64, Ordering::Relaxed);
+                    self.pacing
+                        .slowdown_permille
+                        .store(p.slowdown_permille as u64, Ordering::Relaxed);
                 }
-                Action::Superseded { theirs, ours } => {
-                    halt(format!("the backup runs epoch {theirs}, above ours ({ours}): this primary was deposed"))
-                }
+                Action::Superseded { theirs, ours } => halt(format!(
+                    "the backup runs epoch {theirs}, above ours ({ours}): this primary was deposed"
+                )),
                 Action::PeerClosed { reason } => {
                     eprintln!("ftvm: the backup closed the log channel ({reason:?})");
                     self.backup_failed()?;
@@ -335,28 +393,39 @@ impl Driver {
                 Action::StaleEpoch { theirs, ours } => {
                     eprintln!("ftvm: ignored a frame from stale epoch {theirs} (ours is {ours})");
                 }
-                Action::Stall | Action::Resume | Action::HandshakeDone | Action::HandshakeRejected { .. } => {}
+                Action::Stall
+                | Action::Resume
+                | Action::HandshakeDone
+                | Action::HandshakeRejected { .. } => {}
             }
         }
         Ok(())
     }
 
     fn send(&mut self, frame: &Frame) {
-        let Some(stream) = self.stream.as_mut() else { return };
-        let mut bytes = frame.encode().expect("frames built by ftvm are within the wire limits");
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        let mut bytes = frame
+            .encode()
+            .expect("frames built by ftvm are within the wire limits");
         self.frames_sent += 1;
         if self.corrupt_frame == Some(self.frames_sent) {
             // Test hook: flip one bit in the middle of this frame.
             let at = bytes.len() / 2;
             bytes[at] ^= 0x04;
-            eprintln!("ftvm: test hook: corrupted log-channel frame {}", self.frames_sent);
+            eprintln!(
+                "ftvm: test hook: corrupted log-channel frame {}",
+                self.frames_sent
+            );
         }
         if let Err(e) = stream.write_all(&bytes) {
             eprintln!("ftvm: cannot write to the log channel: {e}");
             self.stream = None;
             return;
         }
-        self.bytes_sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     }
 
     fn release(&mut self, acked: u64) {
@@ -398,8 +467,12 @@ impl Driver {
                 }
                 Ok(())
             }
-            Ok(false) => halt(format!("the backup took over epoch {next}; this primary halts")),
-            Err(e) => halt(format!("the tiebreaker could not be reached ({e}); halting rather than risk two primaries")),
+            Ok(false) => halt(format!(
+                "the backup took over epoch {next}; this primary halts"
+            )),
+            Err(e) => halt(format!(
+                "the tiebreaker could not be reached ({e}); halting rather than risk two primaries"
+            )),
         }
     }
 
@@ -427,13 +500,23 @@ impl Driver {
     fn publish(&mut self, now: u64) {
         let acked = self.link.acked_seq();
         self.status.maybe_write(now, || Status {
-            role: if self.alone { "primary (alone)".into() } else { "primary".into() },
+            role: if self.alone {
+                "primary (alone)".into()
+            } else {
+                "primary".into()
+            },
             vm: self.vm_id.clone(),
             epoch: self.epoch,
-            peer: if self.alone { None } else { Some("backup".into()) },
+            peer: if self.alone {
+                None
+            } else {
+                Some("backup".into())
+            },
             last_seq: self.last_record_seq,
             acked_seq: acked,
-            lag_entries: self.last_record_seq.saturating_sub(self.link.replayed_seq()),
+            lag_entries: self
+                .last_record_seq
+                .saturating_sub(self.link.replayed_seq()),
             lag_ms: self.lag_ms,
             log_bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             outputs_held: self.rule.held_count() as u64,
@@ -458,4 +541,3 @@ pub(super) fn halt(message: String) -> ! {
     // Fail-stop: nothing this process still holds may leave it.
     std::process::exit(exit_code::HALTED);
 }
-

@@ -34,7 +34,11 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     pub fn new(path: Option<PathBuf>) -> StatusWriter {
-        StatusWriter { path, last_ms: 0, last_bytes: 0 }
+        StatusWriter {
+            path,
+            last_ms: 0,
+            last_bytes: 0,
+        }
     }
 
     pub fn maybe_write(&mut self, now_ms: u64, make: impl FnOnce() -> Status) {
@@ -44,7 +48,8 @@ impl StatusWriter {
         }
         let status = make();
         let elapsed = (now_ms - self.last_ms).max(1);
-        let bandwidth_bps = (status.log_bytes_sent.saturating_sub(self.last_bytes)) * 8 * 1000 / elapsed;
+        let bandwidth_bps =
+            (status.log_bytes_sent.saturating_sub(self.last_bytes)) * 8 * 1000 / elapsed;
         self.last_ms = now_ms;
         self.last_bytes = status.log_bytes_sent;
         let mut value = serde_json::to_value(&status).expect("status serializes");
@@ -60,20 +65,35 @@ impl StatusWriter {
 /// `ftvm status FILE`: prints a replica's status.
 pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
     let [file] = args else {
-        return Err(crate::opts::Failure::usage("usage: ftvm status STATUS_FILE"));
+        return Err(crate::opts::Failure::usage(
+            "usage: ftvm status STATUS_FILE",
+        ));
     };
-    let text = std::fs::read_to_string(file).map_err(|e| crate::opts::Failure::usage(format!("cannot read {file}: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| crate::opts::Failure::usage(format!("{file}: {e}")))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| crate::opts::Failure::usage(format!("cannot read {file}: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| crate::opts::Failure::usage(format!("{file}: {e}")))?;
     let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
     println!("role          {}", g("role").as_str().unwrap_or("?"));
     println!("vm            {}", g("vm").as_str().unwrap_or("?"));
     println!("epoch         {}", g("epoch"));
     println!("peer          {}", g("peer").as_str().unwrap_or("none"));
     println!("log seq       {} (acked {})", g("last_seq"), g("acked_seq"));
-    println!("lag           {} entries, {} ms", g("lag_entries"), g("lag_ms"));
+    println!(
+        "lag           {} entries, {} ms",
+        g("lag_entries"),
+        g("lag_ms")
+    );
     let bw = g("log_bandwidth_bps").as_u64().unwrap_or(0) as f64 / 1e6;
-    println!("log bandwidth {bw:.3} Mbit/s ({} bytes in all)", g("log_bytes_sent"));
-    println!("outputs held  {} ({} bytes)", g("outputs_held"), g("outputs_held_bytes"));
+    println!(
+        "log bandwidth {bw:.3} Mbit/s ({} bytes in all)",
+        g("log_bytes_sent")
+    );
+    println!(
+        "outputs held  {} ({} bytes)",
+        g("outputs_held"),
+        g("outputs_held_bytes")
+    );
     println!("slowdown      {} per mille", g("slowdown_permille"));
     Ok(0)
 }

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn ftvm() -> PathBuf {
@@ -15,13 +18,21 @@ pub fn ftvm() -> PathBuf {
 /// A built guest; the test fails with a clear message if setup has not built it.
 pub fn guest(name: &str) -> PathBuf {
     let path = repo().join("guests/build").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run `bash scripts/setup.sh` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/setup.sh` first",
+        path.display()
+    );
     path
 }
 
 pub fn native(name: &str) -> PathBuf {
     let path = repo().join("guests/build/native").join(name);
-    assert!(path.exists(), "{} is missing: run `bash scripts/setup.sh` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/setup.sh` first",
+        path.display()
+    );
     path
 }
 
@@ -53,7 +64,8 @@ pub fn copy_tree(from: &Path, to: &Path) {
 
 /// Slow soak tests run when FTVM_SOAK=1 or in CI.
 pub fn soak() -> bool {
-    std::env::var("FTVM_SOAK").is_ok_and(|v| v == "1") || std::env::var("CI").is_ok_and(|v| v == "true")
+    std::env::var("FTVM_SOAK").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// A real etcd server on loopback (Debian `etcd-server`), killed on drop.
@@ -67,7 +79,13 @@ pub struct Etcd {
 impl Etcd {
     /// On loopback, in this namespace.
     pub fn start() -> Etcd {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
         Etcd::start_at(None, "127.0.0.1", free(), free())
     }
 
@@ -89,21 +107,44 @@ impl Etcd {
             None => std::process::Command::new("etcd"),
         };
         let child = cmd
-            .args(["--name", "ftvm-test", "--data-dir", dir.path().join("data").to_str().unwrap()])
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--name",
+                "ftvm-test",
+                "--data-dir",
+                dir.path().join("data").to_str().unwrap(),
+            ])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-cluster", &format!("ftvm-test={peer_url}")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("etcd is not installed: run `bash scripts/setup.sh` (Debian etcd-server)");
-        let etcd = Etcd { child, url, _dir: dir, ns };
+        let etcd = Etcd {
+            child,
+            url,
+            _dir: dir,
+            ns,
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             if etcd.healthy() {
                 return etcd;
             }
-            assert!(std::time::Instant::now() < deadline, "etcd did not become healthy within 30 s");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "etcd did not become healthy within 30 s"
+            );
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
     }
@@ -111,7 +152,9 @@ impl Etcd {
     fn healthy(&self) -> bool {
         let url = self.url.clone();
         match &self.ns {
-            Some(ns) => in_netns_thread(ns, move || Etcd::probe(&url)).join().unwrap_or(false),
+            Some(ns) => in_netns_thread(ns, move || Etcd::probe(&url))
+                .join()
+                .unwrap_or(false),
             None => Etcd::probe(&url),
         }
     }
@@ -119,9 +162,13 @@ impl Etcd {
     fn probe(url: &str) -> bool {
         use std::io::{Read, Write};
         let addr = url.trim_start_matches("http://");
-        let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
         let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
-        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .is_err()
+        {
             return false;
         }
         let mut body = String::new();
@@ -131,7 +178,10 @@ impl Etcd {
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns` (sockets it opens live there).
-pub fn in_netns_thread<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+pub fn in_netns_thread<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     use std::os::fd::AsRawFd;
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {

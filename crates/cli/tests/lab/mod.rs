@@ -18,10 +18,23 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(name: &str, subnet: u8) -> Lab {
-        assert!(is_root(), "the lab tests need root (network namespaces and TAP devices)");
-        let out = Command::new(ftvm()).args(["lab", "up", "--name", name, "--subnet", &subnet.to_string()]).output().unwrap();
-        assert!(out.status.success(), "lab up: {}", String::from_utf8_lossy(&out.stderr));
-        Lab { name: name.into(), subnet }
+        assert!(
+            is_root(),
+            "the lab tests need root (network namespaces and TAP devices)"
+        );
+        let out = Command::new(ftvm())
+            .args(["lab", "up", "--name", name, "--subnet", &subnet.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Lab {
+            name: name.into(),
+            subnet,
+        }
     }
     pub fn ns(&self, host: &str) -> String {
         format!("{}-{host}", self.name)
@@ -45,9 +58,17 @@ impl Lab {
     }
     pub fn add_tap(&self, host: &str) {
         let ns = self.ns(host);
-        for args in [vec!["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"], vec!["-n", &ns, "link", "set", "tap0", "master", "br0", "up"]] {
+        for args in [
+            vec!["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"],
+            vec!["-n", &ns, "link", "set", "tap0", "master", "br0", "up"],
+        ] {
             let out = Command::new("ip").args(&args).output().unwrap();
-            assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     /// A command run inside `host`'s namespace.
@@ -67,7 +88,11 @@ impl Lab {
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap();
-        Proc { child: Some(child), out, err }
+        Proc {
+            child: Some(child),
+            out,
+            err,
+        }
     }
     /// A VM definition for the KV guest on this lab's VM address.
     pub fn kv_toml(&self, dir: &Path) -> PathBuf {
@@ -89,7 +114,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new(ftvm()).args(["lab", "down", "--name", &self.name]).output();
+        let _ = Command::new(ftvm())
+            .args(["lab", "down", "--name", &self.name])
+            .output();
     }
 }
 
@@ -122,7 +149,11 @@ impl Proc {
                 self.child = None;
                 return status.code().unwrap_or(-1);
             }
-            assert!(Instant::now() < deadline, "process did not exit within {limit:?}: {}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {limit:?}: {}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -149,7 +180,10 @@ pub use super::common::in_netns_thread as in_netns;
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
-        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -168,7 +202,13 @@ pub struct IncrReport {
 
 /// Sends INCR `key` one at a time (each waits for its reply) for `count` requests or until
 /// `stop` says so; bounded by `limit`.
-pub fn incr_client(addr: String, key: String, count: u64, limit: Duration, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> IncrReport {
+pub fn incr_client(
+    addr: String,
+    key: String,
+    count: u64,
+    limit: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> IncrReport {
     let mut report = IncrReport::default();
     let deadline = Instant::now() + limit;
     let mut stream = match connect_retry(&addr, Duration::from_secs(10)) {
@@ -178,7 +218,9 @@ pub fn incr_client(addr: String, key: String, count: u64, limit: Duration, stop:
             return report;
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
     let req = format!("*2\r\n$4\r\nINCR\r\n${}\r\n{key}\r\n", key.len());
     let mut buf = [0u8; 64];
     for _ in 0..count {
@@ -205,12 +247,19 @@ pub fn incr_client(addr: String, key: String, count: u64, limit: Duration, stop:
             }
         }
         report.max_stall = report.max_stall.max(sent.elapsed());
-        match std::str::from_utf8(&reply).ok().and_then(|r| r.strip_prefix(':')).and_then(|r| r.trim_end().parse::<i64>().ok()) {
+        match std::str::from_utf8(&reply)
+            .ok()
+            .and_then(|r| r.strip_prefix(':'))
+            .and_then(|r| r.trim_end().parse::<i64>().ok())
+        {
             Some(v) => {
                 report.acked += 1;
                 report.last_value = v;
             }
-            None => report.errors.push(format!("unexpected reply {:?}", String::from_utf8_lossy(&reply))),
+            None => report.errors.push(format!(
+                "unexpected reply {:?}",
+                String::from_utf8_lossy(&reply)
+            )),
         }
     }
     report

@@ -23,7 +23,11 @@ pub enum FdKind {
     Stdout,
     Stderr,
     /// A directory of preopen `root`; `preopen` is the guest path for preopened ones.
-    Dir { root: u32, rel: String, preopen: Option<String> },
+    Dir {
+        root: u32,
+        rel: String,
+        preopen: Option<String>,
+    },
     File {
         root: u32,
         rel: String,
@@ -34,9 +38,14 @@ pub enum FdKind {
         handle: Option<Arc<File>>,
     },
     /// A preopened TCP listener of the VM's netstack.
-    Listener { id: u32, port: u16 },
+    Listener {
+        id: u32,
+        port: u16,
+    },
     /// A TCP connection of the VM's netstack.
-    Socket { id: u32 },
+    Socket {
+        id: u32,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

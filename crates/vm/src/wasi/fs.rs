@@ -9,7 +9,9 @@ use wasmtime::{Caller, Linker};
 use super::errno::{self, Errno};
 use super::fd::{FdEntry, FdKind, FDFLAG_APPEND};
 use super::mem::GuestMem;
-use super::{console_write, filetype_of, sock, split, wasi_fn, Host, HostResult, IO_BYTES_MAX, RIGHTS};
+use super::{
+    console_write, filetype_of, sock, split, wasi_fn, Host, HostResult, IO_BYTES_MAX, RIGHTS,
+};
 use crate::vdisk::VDisk;
 use crate::VmError;
 
@@ -29,40 +31,95 @@ const DIRENT_HEADER_BYTES: u32 = 24;
 const DIR_ENTRIES_MAX: usize = 100_000;
 
 pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
-    wasi_fn!(linker, "fd_write", |c, fd: i32, iovs: i32, n: i32, out: i32| fd_write(&mut c, fd as u32, iovs as u32, n as u32, out as u32, None));
-    wasi_fn!(linker, "fd_pwrite", |c, fd: i32, iovs: i32, n: i32, off: i64, out: i32| fd_write(&mut c, fd as u32, iovs as u32, n as u32, out as u32, Some(off as u64)));
-    wasi_fn!(linker, "fd_read", |c, fd: i32, iovs: i32, n: i32, out: i32| fd_read(&mut c, fd as u32, iovs as u32, n as u32, out as u32, None));
-    wasi_fn!(linker, "fd_pread", |c, fd: i32, iovs: i32, n: i32, off: i64, out: i32| fd_read(&mut c, fd as u32, iovs as u32, n as u32, out as u32, Some(off as u64)));
+    wasi_fn!(
+        linker,
+        "fd_write",
+        |c, fd: i32, iovs: i32, n: i32, out: i32| fd_write(
+            &mut c,
+            fd as u32,
+            iovs as u32,
+            n as u32,
+            out as u32,
+            None
+        )
+    );
+    wasi_fn!(
+        linker,
+        "fd_pwrite",
+        |c, fd: i32, iovs: i32, n: i32, off: i64, out: i32| fd_write(
+            &mut c,
+            fd as u32,
+            iovs as u32,
+            n as u32,
+            out as u32,
+            Some(off as u64)
+        )
+    );
+    wasi_fn!(
+        linker,
+        "fd_read",
+        |c, fd: i32, iovs: i32, n: i32, out: i32| fd_read(
+            &mut c,
+            fd as u32,
+            iovs as u32,
+            n as u32,
+            out as u32,
+            None
+        )
+    );
+    wasi_fn!(
+        linker,
+        "fd_pread",
+        |c, fd: i32, iovs: i32, n: i32, off: i64, out: i32| fd_read(
+            &mut c,
+            fd as u32,
+            iovs as u32,
+            n as u32,
+            out as u32,
+            Some(off as u64)
+        )
+    );
     wasi_fn!(linker, "fd_close", |c, fd: i32| {
         let (_, host) = split(&mut c);
         let entry = host.fds.remove(fd as u32)?;
         sock::closed(host, &entry.kind)
     });
-    wasi_fn!(linker, "fd_seek", |c, fd: i32, offset: i64, whence: i32, out: i32| {
-        let (mut mem, host) = split(&mut c);
-        let entry = host.fds.get_mut(fd as u32)?;
-        let FdKind::File { pos, .. } = &entry.kind else {
-            return Err(seek_errno(&entry.kind).into());
-        };
-        let base: i128 = match whence {
-            0 => 0,
-            1 => *pos as i128,
-            2 => handle(&mut host.disk, entry)?.metadata().map_err(|e| errno::from_io(&e))?.len() as i128,
-            _ => return Err(errno::INVAL.into()),
-        };
-        let new = base + offset as i128;
-        if new < 0 || new > i64::MAX as i128 {
-            return Err(errno::INVAL.into());
+    wasi_fn!(
+        linker,
+        "fd_seek",
+        |c, fd: i32, offset: i64, whence: i32, out: i32| {
+            let (mut mem, host) = split(&mut c);
+            let entry = host.fds.get_mut(fd as u32)?;
+            let FdKind::File { pos, .. } = &entry.kind else {
+                return Err(seek_errno(&entry.kind).into());
+            };
+            let base: i128 = match whence {
+                0 => 0,
+                1 => *pos as i128,
+                2 => handle(&mut host.disk, entry)?
+                    .metadata()
+                    .map_err(|e| errno::from_io(&e))?
+                    .len() as i128,
+                _ => return Err(errno::INVAL.into()),
+            };
+            let new = base + offset as i128;
+            if new < 0 || new > i64::MAX as i128 {
+                return Err(errno::INVAL.into());
+            }
+            let FdKind::File { pos, .. } = &mut host.fds.get_mut(fd as u32)?.kind else {
+                unreachable!()
+            };
+            *pos = new as u64;
+            mem.write_u64(out as u32, new as u64)?;
+            Ok(())
         }
-        let FdKind::File { pos, .. } = &mut host.fds.get_mut(fd as u32)?.kind else { unreachable!() };
-        *pos = new as u64;
-        mem.write_u64(out as u32, new as u64)?;
-        Ok(())
-    });
+    );
     wasi_fn!(linker, "fd_tell", |c, fd: i32, out: i32| {
         let (mut mem, host) = split(&mut c);
         let entry = host.fds.get(fd as u32)?;
-        let FdKind::File { pos, .. } = &entry.kind else { return Err(seek_errno(&entry.kind).into()) };
+        let FdKind::File { pos, .. } = &entry.kind else {
+            return Err(seek_errno(&entry.kind).into());
+        };
         mem.write_u64(out as u32, *pos)?;
         Ok(())
     });
@@ -83,14 +140,26 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         entry.flags = flags as u16;
         Ok(())
     });
-    wasi_fn!(linker, "fd_fdstat_set_rights", |c, fd: i32, _base: i64, _inh: i64| {
-        split(&mut c).1.fds.get(fd as u32)?;
-        Ok(())
-    });
+    wasi_fn!(
+        linker,
+        "fd_fdstat_set_rights",
+        |c, fd: i32, _base: i64, _inh: i64| {
+            split(&mut c).1.fds.get(fd as u32)?;
+            Ok(())
+        }
+    );
     wasi_fn!(linker, "fd_prestat_get", |c, fd: i32, out: i32| {
         let (mut mem, host) = split(&mut c);
         // Anything but a preopened directory is EBADF: wasi-libc stops its preopen scan there.
-        let Ok(FdEntry { kind: FdKind::Dir { preopen: Some(name), .. }, .. }) = host.fds.get(fd as u32) else {
+        let Ok(FdEntry {
+            kind:
+                FdKind::Dir {
+                    preopen: Some(name),
+                    ..
+                },
+            ..
+        }) = host.fds.get(fd as u32)
+        else {
             return Err(errno::BADF.into());
         };
         let len = name.len() as u32;
@@ -98,24 +167,41 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         mem.write_u32(out as u32 + 4, len)?;
         Ok(())
     });
-    wasi_fn!(linker, "fd_prestat_dir_name", |c, fd: i32, buf: i32, len: i32| {
-        let (mut mem, host) = split(&mut c);
-        let Ok(FdEntry { kind: FdKind::Dir { preopen: Some(name), .. }, .. }) = host.fds.get(fd as u32) else {
-            return Err(errno::BADF.into());
-        };
-        if (len as usize) < name.len() {
-            return Err(errno::NAMETOOLONG.into());
+    wasi_fn!(
+        linker,
+        "fd_prestat_dir_name",
+        |c, fd: i32, buf: i32, len: i32| {
+            let (mut mem, host) = split(&mut c);
+            let Ok(FdEntry {
+                kind:
+                    FdKind::Dir {
+                        preopen: Some(name),
+                        ..
+                    },
+                ..
+            }) = host.fds.get(fd as u32)
+            else {
+                return Err(errno::BADF.into());
+            };
+            if (len as usize) < name.len() {
+                return Err(errno::NAMETOOLONG.into());
+            }
+            let name = name.clone();
+            mem.write_bytes(buf as u32, name.as_bytes())?;
+            Ok(())
         }
-        let name = name.clone();
-        mem.write_bytes(buf as u32, name.as_bytes())?;
-        Ok(())
-    });
+    );
     wasi_fn!(linker, "fd_filestat_get", |c, fd: i32, out: i32| {
         let (mut mem, host) = split(&mut c);
         let entry = host.fds.get(fd as u32)?.clone();
         let stat = match &entry.kind {
-            FdKind::File { root, rel, .. } | FdKind::Dir { root, rel, .. } => disk_stat(&host.disk, *root, rel)?,
-            other => Stat { filetype: filetype_of(other), ..Stat::default() },
+            FdKind::File { root, rel, .. } | FdKind::Dir { root, rel, .. } => {
+                disk_stat(&host.disk, *root, rel)?
+            }
+            other => Stat {
+                filetype: filetype_of(other),
+                ..Stat::default()
+            },
         };
         write_filestat(&mut mem, out as u32, &stat)?;
         Ok(())
@@ -124,36 +210,57 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         let (_, host) = split(&mut c);
         let now = host.gate.realtime_ns();
         let entry = host.fds.get(fd as u32)?.clone();
-        let FdKind::File { root, rel, write: true, .. } = &entry.kind else { return Err(errno::BADF.into()) };
+        let FdKind::File {
+            root,
+            rel,
+            write: true,
+            ..
+        } = &entry.kind
+        else {
+            return Err(errno::BADF.into());
+        };
         let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
         file.set_len(size as u64).map_err(|e| errno::from_io(&e))?;
         host.disk.touch(*root, rel, now);
         Ok(())
     });
-    wasi_fn!(linker, "fd_allocate", |c, fd: i32, offset: i64, len: i64| {
-        let (_, host) = split(&mut c);
-        let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
-        let want = (offset as u64).saturating_add(len as u64);
-        let have = file.metadata().map_err(|e| errno::from_io(&e))?.len();
-        if want > have {
-            file.set_len(want).map_err(|e| errno::from_io(&e))?;
+    wasi_fn!(
+        linker,
+        "fd_allocate",
+        |c, fd: i32, offset: i64, len: i64| {
+            let (_, host) = split(&mut c);
+            let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
+            let want = (offset as u64).saturating_add(len as u64);
+            let have = file.metadata().map_err(|e| errno::from_io(&e))?.len();
+            if want > have {
+                file.set_len(want).map_err(|e| errno::from_io(&e))?;
+            }
+            Ok(())
         }
-        Ok(())
-    });
-    wasi_fn!(linker, "fd_filestat_set_times", |c, fd: i32, atim: i64, mtim: i64, flags: i32| {
-        let (_, host) = split(&mut c);
-        let entry = host.fds.get(fd as u32)?.clone();
-        let (FdKind::File { root, rel, .. } | FdKind::Dir { root, rel, .. }) = &entry.kind else {
-            return Err(errno::BADF.into());
-        };
-        set_times(host, *root, rel, atim as u64, mtim as u64, flags as u16)
-    });
+    );
+    wasi_fn!(
+        linker,
+        "fd_filestat_set_times",
+        |c, fd: i32, atim: i64, mtim: i64, flags: i32| {
+            let (_, host) = split(&mut c);
+            let entry = host.fds.get(fd as u32)?.clone();
+            let (FdKind::File { root, rel, .. } | FdKind::Dir { root, rel, .. }) = &entry.kind
+            else {
+                return Err(errno::BADF.into());
+            };
+            set_times(host, *root, rel, atim as u64, mtim as u64, flags as u16)
+        }
+    );
     wasi_fn!(linker, "fd_sync", |c, fd: i32| sync(&mut c, fd as u32));
     wasi_fn!(linker, "fd_datasync", |c, fd: i32| sync(&mut c, fd as u32));
-    wasi_fn!(linker, "fd_advise", |c, fd: i32, _o: i64, _l: i64, _a: i32| {
-        split(&mut c).1.fds.get(fd as u32)?;
-        Ok(())
-    });
+    wasi_fn!(
+        linker,
+        "fd_advise",
+        |c, fd: i32, _o: i64, _l: i64, _a: i32| {
+            split(&mut c).1.fds.get(fd as u32)?;
+            Ok(())
+        }
+    );
     wasi_fn!(linker, "fd_renumber", |c, from: i32, to: i32| {
         let (_, host) = split(&mut c);
         host.fds.get(from as u32)?;
@@ -167,86 +274,157 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         host.fds.insert_at(to as u32, entry);
         Ok(())
     });
-    wasi_fn!(linker, "fd_readdir", |c, fd: i32, buf: i32, len: i32, cookie: i64, out: i32| fd_readdir(
-        &mut c,
-        fd as u32,
-        buf as u32,
-        len as u32,
-        cookie as u64,
-        out as u32
-    ));
-    wasi_fn!(linker, "path_open", |c, dirfd: i32, _lookup: i32, path: i32, path_len: i32, oflags: i32, base: i64, _inh: i64, fdflags: i32, out: i32| {
-        path_open(&mut c, dirfd as u32, path as u32, path_len as u32, oflags as u16, base as u64, fdflags as u16, out as u32)
-    });
-    wasi_fn!(linker, "path_filestat_get", |c, dirfd: i32, _flags: i32, path: i32, len: i32, out: i32| {
-        let (mut mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        let stat = disk_stat(&host.disk, root, &rel)?;
-        write_filestat(&mut mem, out as u32, &stat)?;
-        Ok(())
-    });
-    wasi_fn!(linker, "path_filestat_set_times", |c, dirfd: i32, _flags: i32, path: i32, len: i32, atim: i64, mtim: i64, fst: i32| {
-        let (mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        disk_stat(&host.disk, root, &rel)?;
-        set_times(host, root, &rel, atim as u64, mtim as u64, fst as u16)
-    });
-    wasi_fn!(linker, "path_create_directory", |c, dirfd: i32, path: i32, len: i32| {
-        let (mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        std::fs::create_dir(host.disk.host_path(root, &rel)?).map_err(|e| errno::from_io(&e))?;
-        let now = host.gate.realtime_ns();
-        host.disk.touch(root, &rel, now);
-        Ok(())
-    });
-    wasi_fn!(linker, "path_remove_directory", |c, dirfd: i32, path: i32, len: i32| {
-        let (mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        if rel.is_empty() {
-            return Err(errno::BUSY.into());
+    wasi_fn!(
+        linker,
+        "fd_readdir",
+        |c, fd: i32, buf: i32, len: i32, cookie: i64, out: i32| fd_readdir(
+            &mut c,
+            fd as u32,
+            buf as u32,
+            len as u32,
+            cookie as u64,
+            out as u32
+        )
+    );
+    wasi_fn!(
+        linker,
+        "path_open",
+        |c,
+         dirfd: i32,
+         _lookup: i32,
+         path: i32,
+         path_len: i32,
+         oflags: i32,
+         base: i64,
+         _inh: i64,
+         fdflags: i32,
+         out: i32| {
+            path_open(
+                &mut c,
+                dirfd as u32,
+                path as u32,
+                path_len as u32,
+                oflags as u16,
+                base as u64,
+                fdflags as u16,
+                out as u32,
+            )
         }
-        std::fs::remove_dir(host.disk.host_path(root, &rel)?).map_err(|e| errno::from_io(&e))?;
-        host.disk.forget(root, &rel);
-        Ok(())
-    });
-    wasi_fn!(linker, "path_unlink_file", |c, dirfd: i32, path: i32, len: i32| {
-        let (mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        let host_path = host.disk.host_path(root, &rel)?;
-        if std::fs::symlink_metadata(&host_path).map_err(|e| errno::from_io(&e))?.is_dir() {
-            return Err(errno::ISDIR.into());
+    );
+    wasi_fn!(
+        linker,
+        "path_filestat_get",
+        |c, dirfd: i32, _flags: i32, path: i32, len: i32, out: i32| {
+            let (mut mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            let stat = disk_stat(&host.disk, root, &rel)?;
+            write_filestat(&mut mem, out as u32, &stat)?;
+            Ok(())
         }
-        std::fs::remove_file(host_path).map_err(|e| errno::from_io(&e))?;
-        host.disk.forget(root, &rel);
-        Ok(())
-    });
-    wasi_fn!(linker, "path_rename", |c, fd1: i32, p1: i32, l1: i32, fd2: i32, p2: i32, l2: i32| {
-        let (mem, host) = split(&mut c);
-        let (r1, from) = resolve(&mem, host, fd1 as u32, p1 as u32, l1 as u32)?;
-        let (r2, to) = resolve(&mem, host, fd2 as u32, p2 as u32, l2 as u32)?;
-        if from.is_empty() || to.is_empty() {
-            return Err(errno::BUSY.into());
+    );
+    wasi_fn!(
+        linker,
+        "path_filestat_set_times",
+        |c, dirfd: i32, _flags: i32, path: i32, len: i32, atim: i64, mtim: i64, fst: i32| {
+            let (mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            disk_stat(&host.disk, root, &rel)?;
+            set_times(host, root, &rel, atim as u64, mtim as u64, fst as u16)
         }
-        std::fs::rename(host.disk.host_path(r1, &from)?, host.disk.host_path(r2, &to)?).map_err(|e| errno::from_io(&e))?;
-        host.disk.renamed(r1, &from, r2, &to);
-        Ok(())
-    });
+    );
+    wasi_fn!(
+        linker,
+        "path_create_directory",
+        |c, dirfd: i32, path: i32, len: i32| {
+            let (mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            std::fs::create_dir(host.disk.host_path(root, &rel)?)
+                .map_err(|e| errno::from_io(&e))?;
+            let now = host.gate.realtime_ns();
+            host.disk.touch(root, &rel, now);
+            Ok(())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "path_remove_directory",
+        |c, dirfd: i32, path: i32, len: i32| {
+            let (mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            if rel.is_empty() {
+                return Err(errno::BUSY.into());
+            }
+            std::fs::remove_dir(host.disk.host_path(root, &rel)?)
+                .map_err(|e| errno::from_io(&e))?;
+            host.disk.forget(root, &rel);
+            Ok(())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "path_unlink_file",
+        |c, dirfd: i32, path: i32, len: i32| {
+            let (mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            let host_path = host.disk.host_path(root, &rel)?;
+            if std::fs::symlink_metadata(&host_path)
+                .map_err(|e| errno::from_io(&e))?
+                .is_dir()
+            {
+                return Err(errno::ISDIR.into());
+            }
+            std::fs::remove_file(host_path).map_err(|e| errno::from_io(&e))?;
+            host.disk.forget(root, &rel);
+            Ok(())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "path_rename",
+        |c, fd1: i32, p1: i32, l1: i32, fd2: i32, p2: i32, l2: i32| {
+            let (mem, host) = split(&mut c);
+            let (r1, from) = resolve(&mem, host, fd1 as u32, p1 as u32, l1 as u32)?;
+            let (r2, to) = resolve(&mem, host, fd2 as u32, p2 as u32, l2 as u32)?;
+            if from.is_empty() || to.is_empty() {
+                return Err(errno::BUSY.into());
+            }
+            std::fs::rename(
+                host.disk.host_path(r1, &from)?,
+                host.disk.host_path(r2, &to)?,
+            )
+            .map_err(|e| errno::from_io(&e))?;
+            host.disk.renamed(r1, &from, r2, &to);
+            Ok(())
+        }
+    );
     // Symlinks and hard links are not part of the virtual disk (see `vdisk`).
-    wasi_fn!(linker, "path_symlink", |c, _p1: i32, _l1: i32, fd: i32, _p2: i32, _l2: i32| {
-        split(&mut c).1.fds.get(fd as u32)?;
-        Err(errno::NOTSUP.into())
-    });
-    wasi_fn!(linker, "path_link", |c, fd1: i32, _f: i32, _p1: i32, _l1: i32, _fd2: i32, _p2: i32, _l2: i32| {
-        split(&mut c).1.fds.get(fd1 as u32)?;
-        Err(errno::NOTSUP.into())
-    });
-    wasi_fn!(linker, "path_readlink", |c, dirfd: i32, path: i32, len: i32, _buf: i32, _buf_len: i32, _out: i32| {
-        let (mem, host) = split(&mut c);
-        let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-        disk_stat(&host.disk, root, &rel)?;
-        // Whatever exists in the virtual disk is not a symlink.
-        Err(errno::INVAL.into())
-    });
+    wasi_fn!(
+        linker,
+        "path_symlink",
+        |c, _p1: i32, _l1: i32, fd: i32, _p2: i32, _l2: i32| {
+            split(&mut c).1.fds.get(fd as u32)?;
+            Err(errno::NOTSUP.into())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "path_link",
+        |c, fd1: i32, _f: i32, _p1: i32, _l1: i32, _fd2: i32, _p2: i32, _l2: i32| {
+            split(&mut c).1.fds.get(fd1 as u32)?;
+            Err(errno::NOTSUP.into())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "path_readlink",
+        |c, dirfd: i32, path: i32, len: i32, _buf: i32, _buf_len: i32, _out: i32| {
+            let (mem, host) = split(&mut c);
+            let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
+            disk_stat(&host.disk, root, &rel)?;
+            // Whatever exists in the virtual disk is not a symlink.
+            Err(errno::INVAL.into())
+        }
+    );
     Ok(())
 }
 
@@ -259,7 +437,14 @@ fn seek_errno(kind: &FdKind) -> Errno {
 
 /// The host file behind a file descriptor, opened on first use (or after a restore).
 fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> Result<Arc<File>, Errno> {
-    let FdKind::File { root, rel, write, handle, .. } = &mut entry.kind else {
+    let FdKind::File {
+        root,
+        rel,
+        write,
+        handle,
+        ..
+    } = &mut entry.kind
+    else {
         return Err(match entry.kind {
             FdKind::Dir { .. } => errno::ISDIR,
             _ => errno::BADF,
@@ -278,13 +463,24 @@ fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> Result<Arc<File>, Errno> {
     Ok(file)
 }
 
-fn fd_write(c: &mut Caller<'_, Host>, fd: u32, iovs: u32, n: u32, out: u32, at: Option<u64>) -> HostResult<()> {
+fn fd_write(
+    c: &mut Caller<'_, Host>,
+    fd: u32,
+    iovs: u32,
+    n: u32,
+    out: u32,
+    at: Option<u64>,
+) -> HostResult<()> {
     let (mut mem, host) = split(c);
     let data = mem.gather(iovs, n, IO_BYTES_MAX)?;
     let entry = host.fds.get_mut(fd)?;
     let written = match &entry.kind {
         FdKind::Stdout | FdKind::Stderr if at.is_none() => {
-            let target = if matches!(entry.kind, FdKind::Stdout) { 1 } else { 2 };
+            let target = if matches!(entry.kind, FdKind::Stdout) {
+                1
+            } else {
+                2
+            };
             console_write(host, target, &data)?;
             data.len()
         }
@@ -293,13 +489,16 @@ fn fd_write(c: &mut Caller<'_, Host>, fd: u32, iovs: u32, n: u32, out: u32, at: 
         FdKind::File { .. } => {
             let append = entry.flags & FDFLAG_APPEND != 0;
             let file = handle(&mut host.disk, entry)?;
-            let FdKind::File { root, rel, pos, .. } = &mut entry.kind else { unreachable!() };
+            let FdKind::File { root, rel, pos, .. } = &mut entry.kind else {
+                unreachable!()
+            };
             let offset = match at {
                 Some(o) => o,
                 None if append => file.metadata().map_err(|e| errno::from_io(&e))?.len(),
                 None => *pos,
             };
-            file.write_all_at(&data, offset).map_err(|e| errno::from_io(&e))?;
+            file.write_all_at(&data, offset)
+                .map_err(|e| errno::from_io(&e))?;
             if at.is_none() {
                 *pos = offset + data.len() as u64;
             }
@@ -316,10 +515,21 @@ fn fd_write(c: &mut Caller<'_, Host>, fd: u32, iovs: u32, n: u32, out: u32, at: 
     Ok(())
 }
 
-fn fd_read(c: &mut Caller<'_, Host>, fd: u32, iovs: u32, n: u32, out: u32, at: Option<u64>) -> HostResult<()> {
+fn fd_read(
+    c: &mut Caller<'_, Host>,
+    fd: u32,
+    iovs: u32,
+    n: u32,
+    out: u32,
+    at: Option<u64>,
+) -> HostResult<()> {
     let (mut mem, host) = split(c);
     let iov = mem.iovecs(iovs, n)?;
-    let want = iov.iter().map(|&(_, l)| l as usize).sum::<usize>().min(IO_BYTES_MAX);
+    let want = iov
+        .iter()
+        .map(|&(_, l)| l as usize)
+        .sum::<usize>()
+        .min(IO_BYTES_MAX);
     let entry = host.fds.get_mut(fd)?;
     let data = match &entry.kind {
         // The VM has no console input: stdin is at end of file.
@@ -328,7 +538,9 @@ fn fd_read(c: &mut Caller<'_, Host>, fd: u32, iovs: u32, n: u32, out: u32, at: O
         FdKind::File { read: false, .. } => return Err(errno::BADF.into()),
         FdKind::File { .. } => {
             let file = handle(&mut host.disk, entry)?;
-            let FdKind::File { pos, .. } = &mut entry.kind else { unreachable!() };
+            let FdKind::File { pos, .. } = &mut entry.kind else {
+                unreachable!()
+            };
             let offset = at.unwrap_or(*pos);
             let mut buf = vec![0u8; want];
             let mut got = 0;
@@ -360,12 +572,23 @@ fn sync(c: &mut Caller<'_, Host>, fd: u32) -> HostResult<()> {
     if let FdKind::Dir { .. } = entry.kind {
         return Ok(());
     }
-    handle(&mut host.disk, entry)?.sync_all().map_err(|e| errno::from_io(&e))?;
+    handle(&mut host.disk, entry)?
+        .sync_all()
+        .map_err(|e| errno::from_io(&e))?;
     Ok(())
 }
 
-fn set_times(host: &mut Host, root: u32, rel: &str, _atim: u64, mtim: u64, flags: u16) -> HostResult<()> {
-    if flags & (FST_ATIM | FST_ATIM_NOW) == (FST_ATIM | FST_ATIM_NOW) || flags & (FST_MTIM | FST_MTIM_NOW) == (FST_MTIM | FST_MTIM_NOW) {
+fn set_times(
+    host: &mut Host,
+    root: u32,
+    rel: &str,
+    _atim: u64,
+    mtim: u64,
+    flags: u16,
+) -> HostResult<()> {
+    if flags & (FST_ATIM | FST_ATIM_NOW) == (FST_ATIM | FST_ATIM_NOW)
+        || flags & (FST_MTIM | FST_MTIM_NOW) == (FST_MTIM | FST_MTIM_NOW)
+    {
         return Err(errno::INVAL.into());
     }
     // One timestamp per file (atime = mtime = ctime); setting either sets it.
@@ -379,7 +602,13 @@ fn set_times(host: &mut Host, root: u32, rel: &str, _atim: u64, mtim: u64, flags
 }
 
 /// Resolves a guest path against a directory descriptor.
-fn resolve(mem: &GuestMem<'_>, host: &Host, dirfd: u32, path: u32, len: u32) -> Result<(u32, String), Errno> {
+fn resolve(
+    mem: &GuestMem<'_>,
+    host: &Host,
+    dirfd: u32,
+    path: u32,
+    len: u32,
+) -> Result<(u32, String), Errno> {
     let path = mem.string(path, len)?;
     let FdKind::Dir { root, rel, .. } = &host.fds.get(dirfd)?.kind else {
         return Err(errno::NOTDIR);
@@ -397,7 +626,8 @@ struct Stat {
 }
 
 fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> Result<Stat, Errno> {
-    let meta = std::fs::symlink_metadata(disk.host_path(root, rel)?).map_err(|e| errno::from_io(&e))?;
+    let meta =
+        std::fs::symlink_metadata(disk.host_path(root, rel)?).map_err(|e| errno::from_io(&e))?;
     let ft = meta.file_type();
     let (filetype, size) = if ft.is_dir() {
         (3, 0)
@@ -408,7 +638,13 @@ fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> Result<Stat, Errno> {
     } else {
         (0, 0)
     };
-    Ok(Stat { dev: root as u64 + 1, ino: VDisk::ino(root, rel), filetype, size, time: disk.mtime(root, rel) })
+    Ok(Stat {
+        dev: root as u64 + 1,
+        ino: VDisk::ino(root, rel),
+        filetype,
+        size,
+        time: disk.mtime(root, rel),
+    })
 }
 
 fn write_filestat(mem: &mut GuestMem<'_>, out: u32, s: &Stat) -> Result<(), Errno> {
@@ -445,10 +681,19 @@ fn path_open(
     if existing.as_ref().is_some_and(|m| m.is_dir()) || (oflags & OFLAG_DIRECTORY != 0) {
         match existing {
             Some(m) if m.is_dir() => {
-                if oflags & OFLAG_TRUNC != 0 || (rights & RIGHT_FD_WRITE != 0 && oflags & OFLAG_DIRECTORY == 0) {
+                if oflags & OFLAG_TRUNC != 0
+                    || (rights & RIGHT_FD_WRITE != 0 && oflags & OFLAG_DIRECTORY == 0)
+                {
                     return Err(errno::ISDIR.into());
                 }
-                let fd = host.fds.insert(FdKind::Dir { root, rel, preopen: None }, fdflags)?;
+                let fd = host.fds.insert(
+                    FdKind::Dir {
+                        root,
+                        rel,
+                        preopen: None,
+                    },
+                    fdflags,
+                )?;
                 mem.write_u32(out, fd)?;
                 return Ok(());
             }
@@ -468,9 +713,20 @@ fn path_open(
     let file = match file {
         Ok(f) => f,
         // O_CREAT on a read-only open still creates, as POSIX does.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && oflags & OFLAG_CREAT != 0 && !write => {
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&host_path).map_err(|e| errno::from_io(&e))?;
-            OpenOptions::new().read(true).open(&host_path).map_err(|e| errno::from_io(&e))?
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound && oflags & OFLAG_CREAT != 0 && !write =>
+        {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&host_path)
+                .map_err(|e| errno::from_io(&e))?;
+            OpenOptions::new()
+                .read(true)
+                .open(&host_path)
+                .map_err(|e| errno::from_io(&e))?
         }
         Err(e) => return Err(errno::from_io(&e).into()),
     };
@@ -478,13 +734,27 @@ fn path_open(
         let now = host.gate.realtime_ns();
         host.disk.touch(root, &rel, now);
     }
-    let kind = FdKind::File { root, rel, pos: 0, read, write, handle: Some(Arc::new(file)) };
+    let kind = FdKind::File {
+        root,
+        rel,
+        pos: 0,
+        read,
+        write,
+        handle: Some(Arc::new(file)),
+    };
     let fd = host.fds.insert(kind, fdflags)?;
     mem.write_u32(out, fd)?;
     Ok(())
 }
 
-fn fd_readdir(c: &mut Caller<'_, Host>, fd: u32, buf: u32, len: u32, cookie: u64, out: u32) -> HostResult<()> {
+fn fd_readdir(
+    c: &mut Caller<'_, Host>,
+    fd: u32,
+    buf: u32,
+    len: u32,
+    cookie: u64,
+    out: u32,
+) -> HostResult<()> {
     let (mut mem, host) = split(c);
     let FdKind::Dir { root, rel, .. } = host.fds.get(fd)?.kind.clone() else {
         return Err(errno::NOTDIR.into());
@@ -509,10 +779,20 @@ fn fd_readdir(c: &mut Caller<'_, Host>, fd: u32, buf: u32, len: u32, cookie: u64
         }
     }
     names.sort();
-    let parent = rel.rsplit_once('/').map(|(p, _)| p.to_string()).unwrap_or_default();
-    let mut all = vec![(".".to_string(), 3u8, VDisk::ino(root, &rel)), ("..".to_string(), 3u8, VDisk::ino(root, &parent))];
+    let parent = rel
+        .rsplit_once('/')
+        .map(|(p, _)| p.to_string())
+        .unwrap_or_default();
+    let mut all = vec![
+        (".".to_string(), 3u8, VDisk::ino(root, &rel)),
+        ("..".to_string(), 3u8, VDisk::ino(root, &parent)),
+    ];
     for (name, kind) in names {
-        let child = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        let child = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
         all.push((name, kind, VDisk::ino(root, &child)));
     }
     let mut used: u32 = 0;

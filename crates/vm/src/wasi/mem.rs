@@ -23,13 +23,19 @@ impl GuestMem<'_> {
         Ok(&mut self.0[r])
     }
     pub fn read_u32(&self, ptr: u32) -> Result<u32, Errno> {
-        Ok(u32::from_le_bytes(self.slice(ptr, 4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.slice(ptr, 4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn read_u64(&self, ptr: u32) -> Result<u64, Errno> {
-        Ok(u64::from_le_bytes(self.slice(ptr, 8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.slice(ptr, 8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn read_u16(&self, ptr: u32) -> Result<u16, Errno> {
-        Ok(u16::from_le_bytes(self.slice(ptr, 2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.slice(ptr, 2)?.try_into().expect("2 bytes"),
+        ))
     }
     pub fn read_u8(&self, ptr: u32) -> Result<u8, Errno> {
         Ok(self.slice(ptr, 1)?[0])
@@ -51,7 +57,8 @@ impl GuestMem<'_> {
         Ok(())
     }
     pub fn write_bytes(&mut self, ptr: u32, bytes: &[u8]) -> Result<(), Errno> {
-        self.slice_mut(ptr, bytes.len() as u32)?.copy_from_slice(bytes);
+        self.slice_mut(ptr, bytes.len() as u32)?
+            .copy_from_slice(bytes);
         Ok(())
     }
     /// Reads an iovec array: (pointer, length) pairs.
@@ -59,7 +66,14 @@ impl GuestMem<'_> {
         if count > super::IOVECS_MAX {
             return Err(errno::INVAL);
         }
-        (0..count).map(|i| Ok((self.read_u32(iovs + i * 8)?, self.read_u32(iovs + i * 8 + 4)?))).collect()
+        (0..count)
+            .map(|i| {
+                Ok((
+                    self.read_u32(iovs + i * 8)?,
+                    self.read_u32(iovs + i * 8 + 4)?,
+                ))
+            })
+            .collect()
     }
     /// Concatenates the bytes of an iovec array (for writes), bounded by `max` bytes.
     pub fn gather(&self, iovs: u32, count: u32, max: usize) -> Result<Vec<u8>, Errno> {

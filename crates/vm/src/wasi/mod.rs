@@ -11,7 +11,9 @@ pub mod mem;
 mod poll;
 pub(crate) mod sock;
 
-use ftvm_log::entry::{CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME};
+use ftvm_log::entry::{
+    CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME, CLOCK_REALTIME, CLOCK_THREAD_CPUTIME,
+};
 use ftvm_log::VmSpec;
 use serde::Serialize;
 use wasmtime::{AsContextMut, Caller, Global, Linker, Memory};
@@ -61,15 +63,28 @@ pub struct VmLimiter {
 }
 
 impl wasmtime::ResourceLimiter for VmLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let ok = desired as u64 <= self.memory_bytes_max && maximum.is_none_or(|m| desired <= m);
         if !ok {
             self.memory_refused = true;
         }
         Ok(ok)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
-        Ok(desired as u64 <= self.table_elements_max as u64 && maximum.is_none_or(|m| desired <= m))
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(
+            desired as u64 <= self.table_elements_max as u64
+                && maximum.is_none_or(|m| desired <= m),
+        )
     }
     fn instances(&self) -> usize {
         1
@@ -109,7 +124,10 @@ pub(crate) fn finish(result: HostResult<()>) -> wasmtime::Result<i32> {
 
 /// Guest memory and host state at once.
 pub(crate) fn split<'a>(caller: &'a mut Caller<'_, Host>) -> (GuestMem<'a>, &'a mut Host) {
-    let memory = caller.data().memory.expect("memory is set before the guest runs");
+    let memory = caller
+        .data()
+        .memory
+        .expect("memory is set before the guest runs");
     let (bytes, host) = memory.data_and_store_mut(caller);
     (GuestMem(bytes), host)
 }
@@ -213,7 +231,12 @@ pub fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
     Ok(())
 }
 
-fn write_strings(mem: &mut GuestMem<'_>, strings: &[String], ptrs: u32, buf: u32) -> Result<(), Errno> {
+fn write_strings(
+    mem: &mut GuestMem<'_>,
+    strings: &[String],
+    ptrs: u32,
+    buf: u32,
+) -> Result<(), Errno> {
     let mut at = buf;
     for (i, s) in strings.iter().enumerate() {
         mem.write_u32(ptrs + 4 * i as u32, at)?;
@@ -266,17 +289,21 @@ fn add_args_env_clocks(linker: &mut Linker<Host>) -> Result<(), VmError> {
         mem.write_u64(out as u32, res)?;
         Ok(())
     });
-    wasi_fn!(linker, "clock_time_get", |c, id: i32, _precision: i64, out: i32| {
-        let id = id as u32;
-        if id > CLOCK_THREAD_CPUTIME {
-            return Err(errno::INVAL.into());
+    wasi_fn!(
+        linker,
+        "clock_time_get",
+        |c, id: i32, _precision: i64, out: i32| {
+            let id = id as u32;
+            if id > CLOCK_THREAD_CPUTIME {
+                return Err(errno::INVAL.into());
+            }
+            // Check the pointer before consulting the gate so a bad pointer records nothing.
+            split(&mut c).0.slice(out as u32, 8)?;
+            let ns = c.data_mut().gate.clock(id)?;
+            split(&mut c).0.write_u64(out as u32, ns)?;
+            after_gate(&mut c)
         }
-        // Check the pointer before consulting the gate so a bad pointer records nothing.
-        split(&mut c).0.slice(out as u32, 8)?;
-        let ns = c.data_mut().gate.clock(id)?;
-        split(&mut c).0.write_u64(out as u32, ns)?;
-        after_gate(&mut c)
-    });
+    );
     wasi_fn!(linker, "random_get", |c, buf: i32, len: i32| {
         let (buf, len) = (buf as u32, len as u32);
         if len as usize > IO_BYTES_MAX {
@@ -294,9 +321,13 @@ fn add_args_env_clocks(linker: &mut Linker<Host>) -> Result<(), VmError> {
         Ok(())
     });
     linker
-        .func_wrap(WASI_MODULE, "proc_exit", |_c: Caller<'_, Host>, code: i32| -> wasmtime::Result<()> {
-            Err(wasmtime::Error::new(GuestExit(code as u32)))
-        })
+        .func_wrap(
+            WASI_MODULE,
+            "proc_exit",
+            |_c: Caller<'_, Host>, code: i32| -> wasmtime::Result<()> {
+                Err(wasmtime::Error::new(GuestExit(code as u32)))
+            },
+        )
         .map_err(|e| VmError::Internal(format!("cannot define proc_exit: {e}")))?;
     wasi_fn!(linker, "proc_raise", |c, _sig: i32| {
         let _ = &mut c;
@@ -308,14 +339,19 @@ fn add_args_env_clocks(linker: &mut Linker<Host>) -> Result<(), VmError> {
 /// Writes console bytes through the output path.
 pub(crate) fn console_write(host: &mut Host, fd: u8, data: &[u8]) -> HostResult<()> {
     for chunk in data.chunks(CONSOLE_CHUNK_BYTES_MAX) {
-        host.gate.output(Output::Console { fd, bytes: chunk.to_vec() })?;
+        host.gate.output(Output::Console {
+            fd,
+            bytes: chunk.to_vec(),
+        })?;
     }
     Ok(())
 }
 
 /// Sends the frames the netstack queued through the output path.
 pub(crate) fn flush_net(host: &mut Host) -> HostResult<()> {
-    let Some(net) = host.net.as_mut() else { return Ok(()) };
+    let Some(net) = host.net.as_mut() else {
+        return Ok(());
+    };
     let frames: Vec<Vec<u8>> = net.drain_frames().collect();
     for frame in frames {
         host.gate.output(Output::Frame(frame))?;

@@ -23,8 +23,16 @@ const EVENT_FD_READWRITE_HANGUP: u16 = 1;
 enum Sub {
     /// Absolute deadline on the virtual monotonic clock, or realtime when `realtime`.
     #[allow(dead_code)]
-    Clock { userdata: u64, deadline_ns: u64, realtime: bool },
-    Fd { userdata: u64, fd: u32, write: bool },
+    Clock {
+        userdata: u64,
+        deadline_ns: u64,
+        realtime: bool,
+    },
+    Fd {
+        userdata: u64,
+        fd: u32,
+        write: bool,
+    },
 }
 
 struct Event {
@@ -36,17 +44,27 @@ struct Event {
 }
 
 pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
-    wasi_fn!(linker, "poll_oneoff", |c, subs: i32, events: i32, n: i32, out: i32| poll_oneoff(
-        &mut c,
-        subs as u32,
-        events as u32,
-        n as u32,
-        out as u32
-    ));
+    wasi_fn!(
+        linker,
+        "poll_oneoff",
+        |c, subs: i32, events: i32, n: i32, out: i32| poll_oneoff(
+            &mut c,
+            subs as u32,
+            events as u32,
+            n as u32,
+            out as u32
+        )
+    );
     Ok(())
 }
 
-fn poll_oneoff(c: &mut Caller<'_, Host>, subs_ptr: u32, events_ptr: u32, count: u32, out: u32) -> HostResult<()> {
+fn poll_oneoff(
+    c: &mut Caller<'_, Host>,
+    subs_ptr: u32,
+    events_ptr: u32,
+    count: u32,
+    out: u32,
+) -> HostResult<()> {
     if count == 0 || count > POLL_SUBSCRIPTIONS_MAX {
         return Err(errno::INVAL.into());
     }
@@ -73,20 +91,39 @@ fn poll_oneoff(c: &mut Caller<'_, Host>, subs_ptr: u32, events_ptr: u32, count: 
                     let flags = mem.read_u16(at + 40)?;
                     let abs = flags & SUBCLOCK_ABSTIME != 0;
                     let (deadline_ns, realtime) = match id {
-                        CLOCK_MONOTONIC => (if abs { timeout } else { start.saturating_add(timeout) }, false),
+                        CLOCK_MONOTONIC => (
+                            if abs {
+                                timeout
+                            } else {
+                                start.saturating_add(timeout)
+                            },
+                            false,
+                        ),
                         // Realtime deadlines: measured against the last realtime reading the
                         // guest made, then converted to a monotonic wait.
                         CLOCK_REALTIME => {
-                            let rel = if abs { timeout.saturating_sub(realtime_start) } else { timeout };
+                            let rel = if abs {
+                                timeout.saturating_sub(realtime_start)
+                            } else {
+                                timeout
+                            };
                             (start.saturating_add(rel), true)
                         }
                         _ => return Err(errno::INVAL.into()),
                     };
-                    subs.push(Sub::Clock { userdata, deadline_ns, realtime });
+                    subs.push(Sub::Clock {
+                        userdata,
+                        deadline_ns,
+                        realtime,
+                    });
                 }
                 EVENTTYPE_FD_READ | EVENTTYPE_FD_WRITE => {
                     let write = mem.read_u8(at + 8)? == EVENTTYPE_FD_WRITE;
-                    subs.push(Sub::Fd { userdata, fd: mem.read_u32(at + 16)?, write });
+                    subs.push(Sub::Fd {
+                        userdata,
+                        fd: mem.read_u32(at + 16)?,
+                        write,
+                    });
                 }
                 _ => return Err(errno::INVAL.into()),
             }
@@ -105,7 +142,14 @@ fn poll_oneoff(c: &mut Caller<'_, Host>, subs_ptr: u32, events_ptr: u32, count: 
                 mem.write_u16(at + 8, e.error)?;
                 mem.write_u8(at + 10, e.kind)?;
                 mem.write_u64(at + 16, e.nbytes)?;
-                mem.write_u16(at + 24, if e.hangup { EVENT_FD_READWRITE_HANGUP } else { 0 })?;
+                mem.write_u16(
+                    at + 24,
+                    if e.hangup {
+                        EVENT_FD_READWRITE_HANGUP
+                    } else {
+                        0
+                    },
+                )?;
             }
             mem.write_u32(out, events.len() as u32)?;
             return Ok(());
@@ -160,27 +204,56 @@ fn ready_events(host: &mut Host, subs: &[Sub], now: u64) -> Vec<Event> {
     let mut events = Vec::new();
     for sub in subs {
         match sub {
-            Sub::Clock { userdata, deadline_ns, .. } => {
+            Sub::Clock {
+                userdata,
+                deadline_ns,
+                ..
+            } => {
                 if now >= *deadline_ns {
-                    events.push(Event { userdata: *userdata, error: 0, kind: EVENTTYPE_CLOCK, nbytes: 0, hangup: false });
+                    events.push(Event {
+                        userdata: *userdata,
+                        error: 0,
+                        kind: EVENTTYPE_CLOCK,
+                        nbytes: 0,
+                        hangup: false,
+                    });
                 }
             }
-            Sub::Fd { userdata, fd, write } => {
-                let kind = if *write { EVENTTYPE_FD_WRITE } else { EVENTTYPE_FD_READ };
-                let event = |error, nbytes, hangup| Event { userdata: *userdata, error, kind, nbytes, hangup };
+            Sub::Fd {
+                userdata,
+                fd,
+                write,
+            } => {
+                let kind = if *write {
+                    EVENTTYPE_FD_WRITE
+                } else {
+                    EVENTTYPE_FD_READ
+                };
+                let event = |error, nbytes, hangup| Event {
+                    userdata: *userdata,
+                    error,
+                    kind,
+                    nbytes,
+                    hangup,
+                };
                 match host.fds.get(*fd).map(|e| e.kind.clone()) {
                     Err(e) => events.push(event(e, 0, false)),
                     // Files, directories and the console never block.
-                    Ok(FdKind::File { .. } | FdKind::Dir { .. } | FdKind::Stdin | FdKind::Stdout | FdKind::Stderr) => {
-                        events.push(event(0, 0, false))
-                    }
+                    Ok(
+                        FdKind::File { .. }
+                        | FdKind::Dir { .. }
+                        | FdKind::Stdin
+                        | FdKind::Stdout
+                        | FdKind::Stderr,
+                    ) => events.push(event(0, 0, false)),
                     Ok(FdKind::Listener { id, .. }) => {
                         if !*write && super::sock::listener_ready(host, id) {
                             events.push(event(0, 1, false));
                         }
                     }
                     Ok(FdKind::Socket { id }) => {
-                        if let Some((nbytes, hangup)) = super::sock::socket_ready(host, id, *write) {
+                        if let Some((nbytes, hangup)) = super::sock::socket_ready(host, id, *write)
+                        {
                             events.push(event(0, nbytes, hangup));
                         }
                     }

@@ -22,27 +22,43 @@ const SDFLAG_WR: u8 = 2;
 pub const LISTEN_BACKLOG: u32 = 128;
 
 pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
-    wasi_fn!(linker, "sock_accept", |c, fd: i32, flags: i32, out: i32| sock_accept(&mut c, fd as u32, flags as u16, out as u32));
-    wasi_fn!(linker, "sock_recv", |c, fd: i32, iovs: i32, n: i32, flags: i32, out: i32, out_flags: i32| {
-        let iov = split(&mut c).0.iovecs(iovs as u32, n as u32)?;
-        split(&mut c).0.slice(out_flags as u32, 2)?;
-        recv(&mut c, fd as u32, iov, out as u32, flags as u16)?;
-        split(&mut c).0.write_u16(out_flags as u32, 0)?;
-        Ok(())
+    wasi_fn!(linker, "sock_accept", |c, fd: i32, flags: i32, out: i32| {
+        sock_accept(&mut c, fd as u32, flags as u16, out as u32)
     });
-    wasi_fn!(linker, "sock_send", |c, fd: i32, iovs: i32, n: i32, _flags: i32, out: i32| {
-        let data = split(&mut c).0.gather(iovs as u32, n as u32, IO_BYTES_MAX)?;
-        write(&mut c, fd as u32, &data, out as u32)
-    });
+    wasi_fn!(
+        linker,
+        "sock_recv",
+        |c, fd: i32, iovs: i32, n: i32, flags: i32, out: i32, out_flags: i32| {
+            let iov = split(&mut c).0.iovecs(iovs as u32, n as u32)?;
+            split(&mut c).0.slice(out_flags as u32, 2)?;
+            recv(&mut c, fd as u32, iov, out as u32, flags as u16)?;
+            split(&mut c).0.write_u16(out_flags as u32, 0)?;
+            Ok(())
+        }
+    );
+    wasi_fn!(
+        linker,
+        "sock_send",
+        |c, fd: i32, iovs: i32, n: i32, _flags: i32, out: i32| {
+            let data = split(&mut c)
+                .0
+                .gather(iovs as u32, n as u32, IO_BYTES_MAX)?;
+            write(&mut c, fd as u32, &data, out as u32)
+        }
+    );
     wasi_fn!(linker, "sock_shutdown", |c, fd: i32, how: i32| {
         let (_, host) = split(&mut c);
-        let FdKind::Socket { id } = host.fds.get(fd as u32)?.kind else { return Err(errno::NOTSOCK.into()) };
+        let FdKind::Socket { id } = host.fds.get(fd as u32)?.kind else {
+            return Err(errno::NOTSOCK.into());
+        };
         let how = how as u8;
         if how == 0 || how & !(SDFLAG_RD | SDFLAG_WR) != 0 {
             return Err(errno::INVAL.into());
         }
         let now = host.gate.now_ns();
-        net(host)?.shutdown(sid(id), how & SDFLAG_RD != 0, how & SDFLAG_WR != 0, now).map_err(map_err)?;
+        net(host)?
+            .shutdown(sid(id), how & SDFLAG_RD != 0, how & SDFLAG_WR != 0, now)
+            .map_err(map_err)?;
         flush_net(host)
     });
     Ok(())
@@ -78,7 +94,9 @@ pub(crate) fn preopen_listeners(host: &mut Host) -> Result<(), VmError> {
     let ports = host.spec.listeners.clone();
     for port in ports {
         let Some(net) = host.net.as_mut() else {
-            return Err(VmError::Config(format!("listener on port {port} needs a NIC (--nic)")));
+            return Err(VmError::Config(format!(
+                "listener on port {port} needs a NIC (--nic)"
+            )));
         };
         let id = net
             .listen(port, LISTEN_BACKLOG)
@@ -95,11 +113,15 @@ fn sock_accept(c: &mut Caller<'_, Host>, fd: u32, flags: u16, out: u32) -> HostR
     loop {
         let (_, host) = split(c);
         let entry = host.fds.get(fd)?;
-        let FdKind::Listener { id, .. } = entry.kind else { return Err(errno::NOTSOCK.into()) };
+        let FdKind::Listener { id, .. } = entry.kind else {
+            return Err(errno::NOTSOCK.into());
+        };
         let nonblocking = is_nonblocking(entry.flags);
         match net(host)?.accept(lid(id)) {
             Ok(s) => {
-                let new = host.fds.insert(FdKind::Socket { id: s.0 }, flags & FDFLAG_NONBLOCK)?;
+                let new = host
+                    .fds
+                    .insert(FdKind::Socket { id: s.0 }, flags & FDFLAG_NONBLOCK)?;
                 split(c).0.write_u32(out, new)?;
                 return Ok(());
             }
@@ -112,20 +134,37 @@ fn sock_accept(c: &mut Caller<'_, Host>, fd: u32, flags: u16, out: u32) -> HostR
 }
 
 /// Reads from a socket into iovecs (`fd_read` or `sock_recv`).
-pub(super) fn read(c: &mut Caller<'_, Host>, fd: u32, iov: Vec<(u32, u32)>, out: u32) -> HostResult<()> {
+pub(super) fn read(
+    c: &mut Caller<'_, Host>,
+    fd: u32,
+    iov: Vec<(u32, u32)>,
+    out: u32,
+) -> HostResult<()> {
     recv(c, fd, iov, out, 0)
 }
 
-fn recv(c: &mut Caller<'_, Host>, fd: u32, iov: Vec<(u32, u32)>, out: u32, flags: u16) -> HostResult<()> {
+fn recv(
+    c: &mut Caller<'_, Host>,
+    fd: u32,
+    iov: Vec<(u32, u32)>,
+    out: u32,
+    flags: u16,
+) -> HostResult<()> {
     split(c).0.slice(out, 4)?;
-    let want = iov.iter().map(|&(_, l)| l as usize).sum::<usize>().min(IO_BYTES_MAX);
+    let want = iov
+        .iter()
+        .map(|&(_, l)| l as usize)
+        .sum::<usize>()
+        .min(IO_BYTES_MAX);
     let peek = flags & RIFLAG_PEEK != 0;
     let waitall = flags & RIFLAG_WAITALL != 0 && !peek;
     let mut got: Vec<u8> = Vec::new();
     loop {
         let (_, host) = split(c);
         let entry = host.fds.get(fd)?;
-        let FdKind::Socket { id } = entry.kind else { return Err(errno::NOTSOCK.into()) };
+        let FdKind::Socket { id } = entry.kind else {
+            return Err(errno::NOTSOCK.into());
+        };
         let nonblocking = is_nonblocking(entry.flags);
         let mut buf = vec![0u8; want - got.len()];
         let result = net(host)?.recv(sid(id), &mut buf, peek);
@@ -163,7 +202,9 @@ pub(super) fn write(c: &mut Caller<'_, Host>, fd: u32, data: &[u8], out: u32) ->
     loop {
         let (_, host) = split(c);
         let entry = host.fds.get(fd)?;
-        let FdKind::Socket { id } = entry.kind else { return Err(errno::NOTSOCK.into()) };
+        let FdKind::Socket { id } = entry.kind else {
+            return Err(errno::NOTSOCK.into());
+        };
         let nonblocking = is_nonblocking(entry.flags);
         let now = host.gate.now_ns();
         let result = net(host)?.send(sid(id), &data[sent..], now);
@@ -214,7 +255,11 @@ pub(super) fn listener_ready(host: &mut Host, id: u32) -> bool {
 pub(super) fn socket_ready(host: &mut Host, id: u32, write: bool) -> Option<(u64, bool)> {
     let net = host.net.as_ref()?;
     let r = net.readiness(sid(id));
-    let ready = if write { r.writable || r.hangup || r.error } else { r.readable || r.hangup || r.error };
+    let ready = if write {
+        r.writable || r.hangup || r.error
+    } else {
+        r.readable || r.hangup || r.error
+    };
     // nbytes is advisory in WASI; wasi-libc's poll() does not use it.
     ready.then_some((1, r.hangup))
 }
