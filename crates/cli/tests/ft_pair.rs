@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,55 +21,6 @@ fn port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A child process killed (and reaped) on drop, even when the test fails.
-struct Proc {
-    child: Option<Child>,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-    fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-    /// Waits (bounded) for the exit code.
-    fn wait(&mut self, limit: Duration) -> i32 {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {limit:?}; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Pair {
@@ -140,18 +91,6 @@ impl Pair {
             .unwrap_or_default();
         v.sort();
         v
-    }
-}
-
-/// Waits until `f` holds (bounded).
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

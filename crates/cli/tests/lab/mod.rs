@@ -5,10 +5,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::common::ftvm;
+#[allow(unused_imports)]
+pub use super::common::{ftvm, wait_until, Proc};
 
 /// A lab (network namespaces on a switch), removed on drop even when the test fails.
 pub struct Lab {
@@ -125,68 +126,7 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A process killed and reaped on drop.
-pub struct Proc {
-    pub child: Option<Child>,
-    pub out: PathBuf,
-    pub err: PathBuf,
-}
-
-impl Proc {
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-    /// Signals the process; `ip netns exec` execs the program, so the pid is the program's.
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-    pub fn wait(&mut self, limit: Duration) -> i32 {
-        let deadline = Instant::now() + limit;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status.code().unwrap_or(-1);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {limit:?}: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    pub fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 pub use super::common::in_netns_thread as in_netns;
-
-/// Waits until `f` holds (bounded).
-pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// What an INCR-counting client saw.
 #[derive(Debug, Default, Clone)]
