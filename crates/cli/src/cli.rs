@@ -14,11 +14,12 @@ const HELP: &str = "\
 ftvm: fault-tolerant WebAssembly virtual machines
 
 usage:
-  ftvm run [--record LOG] [--dir HOST_DIR::GUEST_DIR]... [--env K=V]... [VM OPTIONS] MODULE [ARGS...]
+  ftvm run [--record LOG] [--pcap FILE] [--dir HOST_DIR::GUEST_DIR]... [--env K=V]... [VM OPTIONS] MODULE [ARGS...]
       Run a WASI preview1 program. The exit code is the guest's.
-  ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... [--quiet] MODULE
+  ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... [--quiet] [--pcap FILE] MODULE
       Replay a recorded run against a copy of its starting disk; reproduces its output and exit
-      code exactly, or stops with a divergence error.
+      code exactly, or stops with a divergence error. --pcap writes every frame the VM took in
+      or sent out, stamped with virtual time, for tcpdump or tshark.
   ftvm inspect LOG [--entries N]
       Print a log's header and a summary of its entries.
 
@@ -155,6 +156,21 @@ pub fn spec_from_options(
     Ok((spec, dirs.into_iter().map(|(h, _)| h).collect()))
 }
 
+/// `--pcap FILE`: a capture of the VM's NIC stamped with virtual time.
+fn open_capture(p: &Parsed) -> Result<Option<ftvm_vm::pcap::Capture>, Failure> {
+    let Some(path) = p.one("pcap") else {
+        return Ok(None);
+    };
+    let io = |e: std::io::Error| Failure {
+        code: exit_code::IO,
+        message: format!("cannot write the capture {path}: {e}"),
+        detail: String::new(),
+    };
+    let file = std::fs::File::create(&path).map_err(io)?;
+    let capture = ftvm_vm::pcap::Capture::new(Box::new(std::io::BufWriter::new(file))).map_err(io)?;
+    Ok(Some(capture))
+}
+
 fn finish(outcome: Result<VmOutcome, ftvm_vm::VmError>) -> Result<i32, Failure> {
     match outcome? {
         VmOutcome::Exited(code) => Ok((code & 0xff) as i32),
@@ -166,7 +182,7 @@ fn finish(outcome: Result<VmOutcome, ftvm_vm::VmError>) -> Result<i32, Failure> 
 }
 
 fn run(args: &[String]) -> Result<i32, Failure> {
-    let mut with_value = vec!["record"];
+    let mut with_value = vec!["record", "pcap"];
     with_value.extend_from_slice(VM_OPTIONS);
     let p = parse(args, &with_value, VM_FLAGS, true)?;
     let Some((module, guest_args)) = p.positional.split_first() else {
@@ -207,12 +223,15 @@ fn run(args: &[String]) -> Result<i32, Failure> {
     });
     let (control_tx, control_rx) = crossbeam_channel::bounded(4);
     let _power_off = crate::ft::install_power_off_signal(control_tx);
-    let gate = Gate::record(
+    let mut gate = Gate::record(
         sink,
         World::new(frames_rx, Some(control_rx)),
         Box::new(ConsolePort { frames: frames_out }),
         checkpoint_events,
     );
+    if let Some(c) = open_capture(&p)? {
+        gate.set_capture(c);
+    }
     let mut vm = Vm::boot(&image, gate)?;
     let outcome = vm.run();
     drop(attachment);
@@ -220,7 +239,7 @@ fn run(args: &[String]) -> Result<i32, Failure> {
 }
 
 fn replay(args: &[String]) -> Result<i32, Failure> {
-    let p = parse(args, &["dir"], &["quiet"], false)?;
+    let p = parse(args, &["dir", "pcap"], &["quiet"], false)?;
     let [log, module] = p.positional.as_slice() else {
         return Err(Failure::usage(
             "usage: ftvm replay LOG [--dir HOST_DIR::GUEST_DIR]... MODULE",
@@ -252,12 +271,15 @@ fn replay(args: &[String]) -> Result<i32, Failure> {
     } else {
         Box::new(ConsolePort { frames: None })
     };
-    let gate = Gate::replay(
+    let mut gate = Gate::replay(
         Box::new(source),
         None,
         port,
         image.spec.limits.checkpoint_events,
     );
+    if let Some(c) = open_capture(&p)? {
+        gate.set_capture(c);
+    }
     let mut vm = Vm::boot(&image, gate)?;
     finish(vm.run())
 }

@@ -356,6 +356,8 @@ impl NetStack {
             window: seg.window,
             mss: seg.mss,
             wscale: seg.wscale,
+            sack_permitted: seg.sack_permitted,
+            sack: seg.sack,
         };
         let f = wire::build_tcp_frame(&r, &h, &seg.payload);
         self.push_frame(f);
@@ -821,6 +823,7 @@ impl NetStack {
             wscale: None,
             payload: Vec::new(),
             retransmit: false,
+            ..Default::default()
         };
         self.emit_tcp(key, &out);
     }

@@ -1,8 +1,10 @@
 //! One TCP connection (passive side only): the transmission control block and its state machine.
 //!
 //! Follows RFC 9293 for the state machine, RFC 6298 for the retransmission timer, RFC 5681 and
-//! RFC 6582 (NewReno) for congestion control, RFC 7323 for window scaling (no timestamps), and the
-//! in-window checks of RFC 5961 for RST and SYN. A [`Tcb`] does no I/O: every method that may send
+//! RFC 6582 (NewReno) for congestion control, RFC 7323 for window scaling (no timestamps), RFC 2018
+//! SACK as a data receiver (the blocks tell the peer which segments after a hole arrived, so it
+//! can repair several losses per round trip even when our ACKs carry data), and the in-window
+//! checks of RFC 5961 for RST and SYN. A [`Tcb`] does no I/O: every method that may send
 //! pushes [`OutSeg`]s into an [`Out`] that the stack turns into frames.
 
 use std::collections::VecDeque;
@@ -11,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::*;
 use crate::wire::tcp_flags::{ACK, FIN, PSH, RST, SYN};
-use crate::wire::TcpSegment;
+use crate::wire::{SackBlocks, TcpSegment};
 use crate::NetError;
 
 /// `a < b` in sequence space.
@@ -76,7 +78,7 @@ impl From<SocketError> for NetError {
 }
 
 /// One segment to emit, addressed by the stack from the connection's 4-tuple.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct OutSeg {
     pub seq: u32,
     pub ack: u32,
@@ -84,6 +86,8 @@ pub(crate) struct OutSeg {
     pub window: u16,
     pub mss: Option<u16>,
     pub wscale: Option<u8>,
+    pub sack_permitted: bool,
+    pub sack: SackBlocks,
     pub payload: Vec<u8>,
     pub retransmit: bool,
 }
@@ -131,6 +135,10 @@ pub(crate) struct Tcb {
     our_mss: u16,
     send_mss: u16,
     wscale_ok: bool,
+    /// The peer offered SACK (RFC 2018): our ACKs carry SACK blocks for out-of-order data.
+    sack_ok: bool,
+    /// Start of the out-of-order range that most recently grew: reported first.
+    sack_recent: Option<u32>,
     snd_shift: u8,
     rcv_shift: u8,
 
@@ -235,6 +243,8 @@ impl Tcb {
             our_mss,
             send_mss,
             wscale_ok,
+            sack_ok: syn.sack_permitted,
+            sack_recent: None,
             snd_shift,
             rcv_shift,
             iss,
@@ -341,13 +351,41 @@ impl Tcb {
             } else {
                 None
             },
+            sack_permitted: self.sack_ok,
+            sack: SackBlocks::default(),
             payload: Vec::new(),
             retransmit,
         });
     }
 
+    /// SACK blocks for the out-of-order ranges held: the one that grew last first, then the
+    /// others from the lowest (RFC 2018 4).
+    fn sack_blocks(&self) -> SackBlocks {
+        let mut blocks = SackBlocks::default();
+        if !self.sack_ok {
+            return blocks;
+        }
+        let range = |s: &OooSeg| (s.seq, s.seq.wrapping_add(s.data.len() as u32));
+        let recent = self
+            .sack_recent
+            .and_then(|r| self.ooo.iter().find(|s| seq_le(s.seq, r) && seq_gt(range(s).1, r)));
+        if let Some(s) = recent {
+            blocks.push(range(s).0, range(s).1);
+        }
+        for s in &self.ooo {
+            if recent.is_some_and(|r| r.seq == s.seq) {
+                continue;
+            }
+            if !blocks.push(range(s).0, range(s).1) {
+                break;
+            }
+        }
+        blocks
+    }
+
     fn push_seg(&mut self, seq: u32, flags: u8, payload: Vec<u8>, retransmit: bool, out: &mut Out) {
         let window = self.window_field();
+        let sack = self.sack_blocks();
         out.segs.push(OutSeg {
             seq,
             ack: self.rcv_nxt,
@@ -355,8 +393,11 @@ impl Tcb {
             window,
             mss: None,
             wscale: None,
+            sack_permitted: false,
+            sack,
             payload,
             retransmit,
+            ..Default::default()
         });
         self.ack_pending = false;
     }
@@ -375,6 +416,7 @@ impl Tcb {
             wscale: None,
             payload: Vec::new(),
             retransmit: false,
+            ..Default::default()
         });
     }
 
@@ -393,7 +435,11 @@ impl Tcb {
         if off > buf_len {
             return 0;
         }
-        let len = max_len.min(buf_len - off);
+        // The MSS bounds data plus options (RFC 6691): SACK blocks take room from the data.
+        let room = usize::from(self.send_mss)
+            .saturating_sub(self.sack_blocks().option_bytes())
+            .max(1);
+        let len = max_len.min(buf_len - off).min(room);
         let fin = allow_fin && self.fin_queued && !self.fin_acked && off + len == buf_len;
         if len == 0 && !fin {
             return 0;
@@ -597,6 +643,7 @@ impl Tcb {
                     wscale: None,
                     payload: Vec::new(),
                     retransmit: false,
+                    ..Default::default()
                 });
                 return;
             }
@@ -865,7 +912,7 @@ impl Tcb {
             let mut i = 0;
             while i < self.ooo.len() {
                 if seq_le(self.ooo[i].seq, self.rcv_nxt) {
-                    let seg = self.ooo.swap_remove(i);
+                    let seg = self.ooo.remove(i);
                     let end = seg.seq.wrapping_add(seg.data.len() as u32);
                     if seq_gt(end, self.rcv_nxt) {
                         let skip = self.rcv_nxt.wrapping_sub(seg.seq) as usize;
@@ -909,6 +956,7 @@ impl Tcb {
                 data: data.to_vec(),
             },
         );
+        self.sack_recent = Some(seq);
         let mut i = pos.saturating_sub(1);
         while i + 1 < self.ooo.len() {
             let cur_end = self.ooo[i].seq.wrapping_add(self.ooo[i].data.len() as u32);

@@ -410,8 +410,56 @@ pub struct TcpSegment<'a> {
     pub mss: Option<u16>,
     /// Window scale option (shift count), if present.
     pub wscale: Option<u8>,
+    /// SACK-permitted option (RFC 2018), meaningful on a SYN.
+    pub sack_permitted: bool,
+    /// SACK blocks (RFC 2018), if present.
+    pub sack: SackBlocks,
     /// Payload.
     pub payload: &'a [u8],
+}
+
+/// Most SACK blocks one segment carries: with no timestamps, 4 blocks (2 + 4 * 8 bytes, plus
+/// two NOPs for alignment) fit in the 40 bytes of TCP options.
+pub const TCP_SACK_BLOCKS_MAX: usize = 4;
+/// Bytes of TCP options a header can carry.
+const TCP_OPTIONS_MAX: usize = 40;
+
+/// Up to [`TCP_SACK_BLOCKS_MAX`] SACK blocks `[left, right)` in sequence space.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SackBlocks {
+    len: u8,
+    blocks: [(u32, u32); TCP_SACK_BLOCKS_MAX],
+}
+
+impl SackBlocks {
+    /// Adds a block; false (and nothing added) when full.
+    pub fn push(&mut self, left: u32, right: u32) -> bool {
+        let i = usize::from(self.len);
+        if i == TCP_SACK_BLOCKS_MAX {
+            return false;
+        }
+        self.blocks[i] = (left, right);
+        self.len += 1;
+        true
+    }
+    /// The blocks, in the order they were added (first is the most recent, RFC 2018 4).
+    pub fn as_slice(&self) -> &[(u32, u32)] {
+        &self.blocks[..usize::from(self.len)]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Bytes the blocks take in a header, alignment included (0 for none).
+    pub fn option_bytes(&self) -> usize {
+        if self.len == 0 {
+            0
+        } else {
+            4 + 8 * usize::from(self.len)
+        }
+    }
+    fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n as u8);
+    }
 }
 
 impl TcpSegment<'_> {
@@ -446,6 +494,7 @@ pub fn parse_tcp(src: [u8; 4], dst: [u8; 4], b: &[u8]) -> Result<TcpSegment<'_>,
         return Err(WireError::BadChecksum);
     }
     let (mut mss, mut wscale) = (None, None);
+    let (mut sack_permitted, mut sack) = (false, SackBlocks::default());
     let opts = &b[TCP_HDR_LEN..data_off];
     let mut i = 0;
     while i < opts.len() {
@@ -461,6 +510,12 @@ pub fn parse_tcp(src: [u8; 4], dst: [u8; 4], b: &[u8]) -> Result<TcpSegment<'_>,
                 match (kind, len) {
                     (2, 4) => mss = Some(be16(opts, i + 2)),
                     (3, 3) => wscale = Some(opts[i + 2]),
+                    (4, 2) => sack_permitted = true,
+                    (5, l) if l >= 10 && (l - 2) % 8 == 0 => {
+                        for b in opts[i + 2..i + l].chunks_exact(8) {
+                            sack.push(be32(b, 0), be32(b, 4));
+                        }
+                    }
                     _ => {}
                 }
                 i += len;
@@ -476,12 +531,14 @@ pub fn parse_tcp(src: [u8; 4], dst: [u8; 4], b: &[u8]) -> Result<TcpSegment<'_>,
         window: be16(b, 14),
         mss,
         wscale,
+        sack_permitted,
+        sack,
         payload: &b[data_off..],
     })
 }
 
 /// The header fields of a TCP segment to emit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpHeader {
     /// Source port.
     pub src_port: u16,
@@ -499,6 +556,10 @@ pub struct TcpHeader {
     pub mss: Option<u16>,
     /// Window scale option to include.
     pub wscale: Option<u8>,
+    /// SACK-permitted option to include (on a SYN).
+    pub sack_permitted: bool,
+    /// SACK blocks to include; the ones that do not fit beside the other options are left out.
+    pub sack: SackBlocks,
 }
 
 /// Builds a complete Ethernet frame carrying one TCP segment.
@@ -510,6 +571,12 @@ pub fn build_tcp_frame(r: &Ipv4Route, h: &TcpHeader, payload: &[u8]) -> Vec<u8> 
     if h.wscale.is_some() {
         opt_len += 4; // NOP + 3-byte option keeps the header 32-bit aligned.
     }
+    if h.sack_permitted {
+        opt_len += 4; // NOP NOP + 2-byte option.
+    }
+    let mut sack = h.sack;
+    sack.truncate(TCP_OPTIONS_MAX.saturating_sub(opt_len + 4) / 8);
+    opt_len += sack.option_bytes(); // NOP NOP + kind, length, blocks.
     let tcp_len = TCP_HDR_LEN + opt_len + payload.len();
     let mut out = Vec::with_capacity(ETH_HDR_LEN + IPV4_HDR_LEN + tcp_len);
     push_eth(&mut out, r.eth_dst, r.eth_src, ETHERTYPE_IPV4);
@@ -534,6 +601,16 @@ pub fn build_tcp_frame(r: &Ipv4Route, h: &TcpHeader, payload: &[u8]) -> Vec<u8> 
     }
     if let Some(ws) = h.wscale {
         out.extend_from_slice(&[1, 3, 3, ws]);
+    }
+    if h.sack_permitted {
+        out.extend_from_slice(&[1, 1, 4, 2]);
+    }
+    if !sack.is_empty() {
+        out.extend_from_slice(&[1, 1, 5, (2 + 8 * sack.as_slice().len()) as u8]);
+        for (left, right) in sack.as_slice() {
+            out.extend_from_slice(&left.to_be_bytes());
+            out.extend_from_slice(&right.to_be_bytes());
+        }
     }
     out.extend_from_slice(payload);
     let sum = checksum_add(
@@ -572,6 +649,41 @@ mod tests {
     }
 
     #[test]
+    fn sack_options_round_trip_and_fit_in_forty_bytes() {
+        let mut sack = SackBlocks::default();
+        for i in 0..TCP_SACK_BLOCKS_MAX as u32 {
+            assert!(sack.push(1000 * i, 1000 * i + 500));
+        }
+        assert!(!sack.push(1, 2), "a fifth block does not fit");
+        let h = TcpHeader {
+            flags: tcp_flags::ACK,
+            sack,
+            ..Default::default()
+        };
+        let f = build_tcp_frame(&route(), &h, b"x");
+        let ip = parse_ipv4(parse_eth(&f).unwrap().payload).unwrap();
+        let t = parse_tcp(ip.src, ip.dst, ip.payload).unwrap();
+        assert_eq!(t.sack, sack);
+        assert_eq!(t.payload, b"x");
+        // Beside MSS and window scale only three blocks fit; SACK-permitted round-trips.
+        let h = TcpHeader {
+            flags: tcp_flags::SYN,
+            mss: Some(1460),
+            wscale: Some(3),
+            sack_permitted: true,
+            sack,
+            ..Default::default()
+        };
+        let f = build_tcp_frame(&route(), &h, b"");
+        let ip = parse_ipv4(parse_eth(&f).unwrap().payload).unwrap();
+        let t = parse_tcp(ip.src, ip.dst, ip.payload).unwrap();
+        assert!(t.sack_permitted);
+        assert_eq!((t.mss, t.wscale), (Some(1460), Some(3)));
+        assert_eq!(t.sack.as_slice(), &sack.as_slice()[..3]);
+        assert!(usize::from(ip.payload[12] >> 4) * 4 <= TCP_HDR_LEN + TCP_OPTIONS_MAX);
+    }
+
+    #[test]
     fn tcp_round_trip_with_options() {
         let h = TcpHeader {
             src_port: 80,
@@ -582,6 +694,7 @@ mod tests {
             window: 1234,
             mss: Some(1460),
             wscale: Some(7),
+            ..Default::default()
         };
         let f = build_tcp_frame(&route(), &h, b"hello");
         let eth = parse_eth(&f).unwrap();
@@ -615,6 +728,7 @@ mod tests {
             window: 5,
             mss: None,
             wscale: None,
+            ..Default::default()
         };
         let mut f = build_tcp_frame(&route(), &h, b"data");
         let n = f.len();
@@ -650,6 +764,7 @@ mod tests {
             window: 5,
             mss: Some(1000),
             wscale: Some(2),
+            ..Default::default()
         };
         let f = build_tcp_frame(&route(), &h, b"");
         let mut seg = f[ETH_HDR_LEN + IPV4_HDR_LEN..].to_vec();
@@ -678,6 +793,7 @@ mod tests {
             window: 0,
             mss: None,
             wscale: None,
+            ..Default::default()
         };
         let f = build_tcp_frame(&route(), &h, b"");
         let ip = &f[ETH_HDR_LEN..];

@@ -265,6 +265,8 @@ pub struct Gate {
     went_live_at: Option<u64>,
     /// Went live and the VM has not yet done its go-live duties (announce, retransmit).
     live_duties_pending: bool,
+    /// A debugging capture of every frame in and out, stamped with virtual time.
+    capture: Option<crate::pcap::Capture>,
 }
 
 impl Gate {
@@ -299,7 +301,13 @@ impl Gate {
             last_realtime_ns: 0,
             went_live_at: None,
             live_duties_pending: false,
+            capture: None,
         }
+    }
+
+    /// Captures every frame the VM takes in or sends out (see `pcap`).
+    pub fn set_capture(&mut self, capture: crate::pcap::Capture) {
+        self.capture = Some(capture);
     }
 
     /// True once after going live: the caller announces the VM's addresses and retransmits.
@@ -444,6 +452,11 @@ impl Gate {
         };
         self.last_mono_ns = self.last_mono_ns.max(wake.now_ns);
         self.events += 1;
+        if let Some(c) = self.capture.as_mut() {
+            for f in &wake.frames {
+                c.frame(wake.now_ns, f);
+            }
+        }
         Ok(wake)
     }
 
@@ -465,6 +478,9 @@ impl Gate {
         self.digest.update(&(bytes.len() as u64).to_le_bytes());
         self.digest.update(bytes);
         self.output_bytes += bytes.len() as u64;
+        if let (Some(c), Output::Frame(f)) = (self.capture.as_mut(), &output) {
+            c.frame(self.last_mono_ns, f);
+        }
         if let Mode::Record { sink, .. } = &mut self.mode {
             // The Output Rule: the entries this output depends on leave now, not at the next batch.
             sink.flush()?;

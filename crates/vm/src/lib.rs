@@ -14,6 +14,7 @@ pub mod engine;
 pub mod gate;
 pub mod instrument;
 pub mod logfile;
+pub mod pcap;
 pub mod vdisk;
 pub mod wasi;
 

@@ -116,6 +116,7 @@ impl Gen {
                     window,
                     mss: None,
                     wscale: None,
+                    ..Default::default()
                 };
                 self.tcp(s.ip_dst, h, &payload)
             }
@@ -135,6 +136,14 @@ impl Gen {
                     window: self.below(65536) as u16,
                     mss: if self.below(2) == 0 { mss } else { None },
                     wscale: if self.below(2) == 0 { wscale } else { None },
+                    sack_permitted: self.below(2) == 0,
+                    sack: {
+                        let mut b = crate::wire::SackBlocks::default();
+                        for _ in 0..self.below(5) {
+                            b.push(self.rng.next_u32(), self.rng.next_u32());
+                        }
+                        b
+                    },
                 };
                 let plen = self.below(100) as usize;
                 let payload = self.bytes(plen);

@@ -38,6 +38,8 @@ pub struct Seg {
     pub window: u16,
     pub mss: Option<u16>,
     pub wscale: Option<u8>,
+    pub sack_permitted: bool,
+    pub sack: Vec<(u32, u32)>,
     pub payload: Vec<u8>,
 }
 
@@ -72,6 +74,8 @@ pub fn parse_seg(frame: &[u8]) -> Option<Seg> {
         window: t.window,
         mss: t.mss,
         wscale: t.wscale,
+        sack_permitted: t.sack_permitted,
+        sack: t.sack.as_slice().to_vec(),
         payload: t.payload.to_vec(),
     })
 }
@@ -96,6 +100,8 @@ pub struct Peer {
     /// Next sequence number we expect from the server (what we acknowledge).
     pub ack: u32,
     pub ident: u16,
+    /// Offer SACK in our SYN.
+    pub sack_permitted: bool,
 }
 
 impl Peer {
@@ -108,6 +114,7 @@ impl Peer {
             seq: 1_000_000,
             ack: 0,
             ident: 0,
+            sack_permitted: false,
         }
     }
 
@@ -143,6 +150,8 @@ impl Peer {
             window,
             mss,
             wscale,
+            sack_permitted: self.sack_permitted && flags & tcp_flags::SYN != 0,
+            ..Default::default()
         };
         wire::build_tcp_frame(&r, &h, payload)
     }

@@ -473,6 +473,67 @@ fn out_of_order_segments_are_reassembled() {
 }
 
 #[test]
+fn acks_carry_sack_blocks_when_the_peer_offered_sack() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4014, 80);
+    p.sack_permitted = true;
+    let (sock, syn_ack) = connect(&mut s, l, &mut p, Some(1460), Some(2), 0);
+    assert!(syn_ack.sack_permitted, "SACK-permitted answered in the SYN-ACK");
+    let b = p.seq;
+    // Segments of 10 bytes at b+0, [hole], b+20, b+30, [hole], b+50.
+    let seg = |p: &mut Peer, at: u32| p.frame(ACK, b + at, p.ack, 65535, &[at as u8; 10]);
+    for at in [0, 20, 30, 50] {
+        let f = seg(&mut p, at);
+        s.receive_frame(&f, MS);
+    }
+    let acks = drain_segs(&mut s);
+    assert_eq!(acks.len(), 4);
+    assert_eq!(acks[0].sack, vec![], "in-order data needs no SACK");
+    assert_eq!(acks[1].sack, vec![(b + 20, b + 30)]);
+    assert_eq!(acks[2].sack, vec![(b + 20, b + 40)], "adjacent ranges coalesce");
+    assert_eq!(
+        acks[3].sack,
+        vec![(b + 50, b + 60), (b + 20, b + 40)],
+        "the range that grew last comes first"
+    );
+    assert!(acks.iter().all(|a| a.ack == b + 10));
+    // Filling the first hole moves the ACK and leaves one block.
+    let f = seg(&mut p, 10);
+    s.receive_frame(&f, 2 * MS);
+    let a = drain_segs(&mut s);
+    assert_eq!((a[0].ack, a[0].sack.clone()), (b + 40, vec![(b + 50, b + 60)]));
+    // Our own data segments carry the blocks too (the full-duplex case).
+    assert_eq!(s.send(sock, b"reply", 2 * MS), Ok(5));
+    let d = drain_segs(&mut s);
+    assert_eq!(d[0].payload, b"reply");
+    assert_eq!(d[0].sack, vec![(b + 50, b + 60)]);
+    let f = seg(&mut p, 40);
+    s.receive_frame(&f, 3 * MS);
+    let a = drain_segs(&mut s);
+    assert_eq!((a[0].ack, a[0].sack.clone()), (b + 60, vec![]));
+    let mut buf = [0u8; 64];
+    assert_eq!(s.recv(sock, &mut buf, false), Ok(60));
+    for at in 0..6 {
+        assert!(buf[at * 10..at * 10 + 10].iter().all(|&x| x == (at * 10) as u8));
+    }
+}
+
+#[test]
+fn no_sack_blocks_unless_the_peer_offered_sack() {
+    let mut s = stack();
+    let l = s.listen(80, 4).unwrap();
+    let mut p = Peer::new(4015, 80);
+    let (_sock, syn_ack) = connect(&mut s, l, &mut p, Some(1460), Some(2), 0);
+    assert!(!syn_ack.sack_permitted);
+    let f = p.frame(ACK, p.seq + 10, p.ack, 65535, b"later");
+    s.receive_frame(&f, MS);
+    let a = drain_segs(&mut s);
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].ack, a[0].sack.clone()), (p.seq, vec![]));
+}
+
+#[test]
 fn peer_closes_first_then_we_close() {
     let mut s = stack();
     let l = s.listen(80, 4).unwrap();
