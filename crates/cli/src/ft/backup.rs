@@ -24,16 +24,18 @@ use crate::opts::Failure;
 /// channel, the primary's unacked buffer fills, and the primary stalls (flow control).
 pub const REPLAY_QUEUE_ENTRIES_MAX: usize = 64 * 1024;
 const TICK_MS: u64 = 5;
+/// Most reader messages handled in one turn of the driver loop (one write of acks per turn).
+const DRAIN_MESSAGES_MAX: usize = 64;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
     let stream = connect(&node)?;
-    let reader_rx = link::spawn_reader(
+    let mut inbox = link::Inbox::new(link::spawn_reader(
         stream
             .try_clone()
             .map_err(|e| Failure::usage(e.to_string()))?,
-    );
-    let blink = handshake(&stream, &reader_rx, &node, &header).map_err(|why| Failure {
+    ));
+    let blink = handshake(&stream, &mut inbox, &node, &header).map_err(|why| Failure {
         code: exit_code::HALTED,
         message: format!("no pairing with the primary: {why}"),
         detail: String::new(),
@@ -53,7 +55,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         epoch,
         link: blink,
         stream: Some(stream),
-        reader_rx,
+        inbox,
+        outbox: Vec::new(),
         replay_tx: Some(replay_tx),
         replayed: replayed.clone(),
         live: live.clone(),
@@ -122,7 +125,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 /// Waits for the primary's Hello and answers it.
 fn handshake(
     stream: &TcpStream,
-    reader_rx: &Receiver<link::FromPeer>,
+    inbox: &mut link::Inbox,
     node: &Node,
     header: &ftvm_log::LogHeader,
 ) -> Result<BackupLink, String> {
@@ -135,7 +138,7 @@ fn handshake(
     )
     .map_err(|e| e.to_string())?;
     loop {
-        let frame = link::next_frame(reader_rx)?;
+        let frame = inbox.next_frame()?;
         for action in blink
             .on_message(frame, now_ms())
             .map_err(|e| e.to_string())?
@@ -181,7 +184,9 @@ struct Driver {
     epoch: u64,
     link: BackupLink,
     stream: Option<TcpStream>,
-    reader_rx: Receiver<link::FromPeer>,
+    inbox: link::Inbox,
+    /// Frames to send at the end of this turn of the loop, with one write.
+    outbox: Vec<Frame>,
     /// Dropped when the log has ended: the replaying VM then drains and goes live.
     replay_tx: Option<Sender<(u64, Entry)>>,
     replayed: Arc<AtomicU64>,
@@ -195,16 +200,24 @@ struct Driver {
 impl Driver {
     fn run(mut self) {
         let mut last_replayed = 0;
+        let early: Vec<Frame> = self.inbox.pending.drain(..).collect();
+        if !early.is_empty() {
+            self.on_frames(early, now_ms());
+        }
         while !self.live.load(Ordering::SeqCst) {
             let now = now_ms();
             self.forward_records();
-            let replay_room = self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full())
-                && self.link.wants_records();
             let never = crossbeam_channel::never();
             select! {
-                recv(if replay_room { &self.reader_rx } else { &never }) -> msg => {
-                    let event = msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into()));
-                    self.on_peer(event, now);
+                recv(if self.replay_room() { &self.inbox.rx } else { &never }) -> msg => {
+                    self.on_peer(msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into())), now);
+                    // Whatever else already arrived is handled in this turn too, under one ack.
+                    let mut more = 0;
+                    while more < DRAIN_MESSAGES_MAX && self.replay_room() {
+                        let Ok(msg) = self.inbox.rx.try_recv() else { break };
+                        self.on_peer(msg, now);
+                        more += 1;
+                    }
                 },
                 default(Duration::from_millis(TICK_MS)) => {
                     let actions = self.link.tick(now);
@@ -218,25 +231,20 @@ impl Driver {
                     self.apply(actions);
                 }
             }
+            self.send_outbox();
             self.publish(now);
         }
     }
 
+    fn replay_room(&self) -> bool {
+        self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) && self.link.wants_records()
+    }
+
     fn on_peer(&mut self, event: link::FromPeer, now: u64) {
         match event {
-            link::FromPeer::Frame(frame) => {
-                self.bytes_received += link::approx_size(&frame.message);
-                match self.link.on_message(frame, now) {
-                    Ok(actions) => self.apply(actions),
-                    Err(e) => {
-                        eprintln!("ftvm: log channel protocol error: {e}; the channel is dropped");
-                        self.forward_records();
-                        self.end_of_log();
-                    }
-                }
-                self.forward_records();
-            }
+            link::FromPeer::Frames(frames) => self.on_frames(frames, now),
             link::FromPeer::Closed(why) => {
+                self.send_outbox();
                 if !self.clean_end.load(Ordering::SeqCst) {
                     eprintln!("ftvm: log channel from the primary ended: {why}");
                 }
@@ -245,10 +253,28 @@ impl Driver {
         }
     }
 
+    fn on_frames(&mut self, frames: Vec<Frame>, now: u64) {
+        for frame in frames {
+            if self.replay_tx.is_none() {
+                return; // the log ended: nothing after that point is applied
+            }
+            self.bytes_received += link::approx_size(&frame.message);
+            match self.link.on_message(frame, now) {
+                Ok(actions) => self.apply(actions),
+                Err(e) => {
+                    eprintln!("ftvm: log channel protocol error: {e}; the channel is dropped");
+                    self.forward_records();
+                    self.end_of_log();
+                }
+            }
+            self.forward_records();
+        }
+    }
+
     fn apply(&mut self, actions: Vec<Action>) {
         for action in actions {
             match action {
-                Action::Send(frame) => self.send(&frame),
+                Action::Send(frame) => self.send(frame),
                 Action::PeerFailed { silent_ms } => {
                     eprintln!("ftvm: no word from the primary for {silent_ms} ms; it is considered failed");
                     self.forward_records();
@@ -270,9 +296,19 @@ impl Driver {
         }
     }
 
-    fn send(&mut self, frame: &Frame) {
+    fn send(&mut self, frame: Frame) {
+        self.outbox.push(frame);
+    }
+
+    /// Writes the frames of this turn with one write (acks coalesced).
+    fn send_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        link::coalesce_acks(&mut self.outbox);
+        let frames = std::mem::take(&mut self.outbox);
         if let Some(stream) = self.stream.as_ref() {
-            if link::write_frame(stream, frame).is_err() {
+            if link::write_frames(stream, &frames).is_err() {
                 self.stream = None;
             }
         }
@@ -313,6 +349,7 @@ impl Driver {
 
     /// No more log will come: let the VM drain what it has (then it goes live or ends).
     fn end_of_log(&mut self) {
+        self.send_outbox();
         self.replay_tx = None;
         if let Some(s) = self.stream.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);

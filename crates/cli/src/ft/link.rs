@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
@@ -16,7 +17,9 @@ pub const READER_QUEUE_MESSAGES_MAX: usize = 4096;
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
 pub enum FromPeer {
-    Frame(Frame),
+    /// Every frame one read of the socket completed, in order: one wake-up of the driver per
+    /// read, not per frame, so a burst is handled (and acked) as one.
+    Frames(Vec<Frame>),
     /// The channel ended: EOF, a read error, a corrupt frame or a stale epoch.
     Closed(String),
 }
@@ -62,15 +65,16 @@ pub fn spawn_reader(mut stream: TcpStream) -> Receiver<FromPeer> {
                     }
                 };
                 decoder.push(&buf[..n]);
+                let mut frames = Vec::new();
                 loop {
                     match decoder.next_frame() {
-                        Ok(Some(frame)) => {
-                            if tx.send(FromPeer::Frame(frame)).is_err() {
-                                return;
-                            }
-                        }
+                        Ok(Some(frame)) => frames.push(frame),
                         Ok(None) => break,
                         Err(e) => {
+                            // The good frames before it still count; nothing after it does.
+                            if !frames.is_empty() {
+                                let _ = tx.send(FromPeer::Frames(std::mem::take(&mut frames)));
+                            }
                             eprintln!("ftvm: corrupt log-channel frame detected, not applied: {e}");
                             let _ = tx.send(FromPeer::Closed(format!("corrupt frame: {e}")));
                             let _ = stream.shutdown(std::net::Shutdown::Both);
@@ -78,20 +82,47 @@ pub fn spawn_reader(mut stream: TcpStream) -> Receiver<FromPeer> {
                         }
                     }
                 }
+                if !frames.is_empty() && tx.send(FromPeer::Frames(frames)).is_err() {
+                    return;
+                }
             }
         })
         .expect("spawn reader");
     rx
 }
 
-/// Waits (bounded) for the next frame from the reader during a handshake.
-pub fn next_frame(rx: &Receiver<FromPeer>) -> Result<Frame, String> {
-    match rx.recv_timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)) {
-        Ok(FromPeer::Frame(f)) => Ok(f),
-        Ok(FromPeer::Closed(why)) => Err(why),
-        Err(_) => Err(format!(
-            "no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms"
-        )),
+/// The reader's output, frame by frame for the handshake: frames that arrived in the same read
+/// as the handshake's last one stay in `pending` for the driver.
+pub struct Inbox {
+    pub rx: Receiver<FromPeer>,
+    pub pending: VecDeque<Frame>,
+}
+
+impl Inbox {
+    pub fn new(rx: Receiver<FromPeer>) -> Inbox {
+        Inbox {
+            rx,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Waits (bounded) for the next frame during a handshake.
+    pub fn next_frame(&mut self) -> Result<Frame, String> {
+        if let Some(f) = self.pending.pop_front() {
+            return Ok(f);
+        }
+        match self.rx.recv_timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)) {
+            Ok(FromPeer::Frames(frames)) => {
+                self.pending.extend(frames);
+                self.pending
+                    .pop_front()
+                    .ok_or_else(|| "the reader sent an empty batch".to_string())
+            }
+            Ok(FromPeer::Closed(why)) => Err(why),
+            Err(_) => Err(format!(
+                "no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms"
+            )),
+        }
     }
 }
 
@@ -101,6 +132,32 @@ pub fn write_frame(stream: &TcpStream, frame: &Frame) -> std::io::Result<()> {
         .expect("frames built by ftvm are within the wire limits");
     let mut s = stream;
     s.write_all(&bytes)
+}
+
+/// Writes `frames` with one write.
+pub fn write_frames(stream: &TcpStream, frames: &[Frame]) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    for frame in frames {
+        bytes.extend_from_slice(
+            &frame
+                .encode()
+                .expect("frames built by ftvm are within the wire limits"),
+        );
+    }
+    let mut s = stream;
+    s.write_all(&bytes)
+}
+
+/// Of several acks queued to go out together only the last is kept: acks are cumulative.
+pub fn coalesce_acks(frames: &mut Vec<Frame>) {
+    let is_ack = |f: &Frame| matches!(f.message, Message::Ack { .. });
+    if let Some(last) = frames.iter().rposition(is_ack) {
+        let mut i = 0;
+        frames.retain(|f| {
+            i += 1;
+            i - 1 == last || !is_ack(f)
+        });
+    }
 }
 
 pub fn hello(node: &Node, config: [u8; 32], disk: [u8; 32]) -> Hello {

@@ -20,6 +20,8 @@ use crate::opts::Failure;
 
 /// Driver loop period: heartbeats, timeouts and status are checked at least this often.
 const TICK_MS: u64 = 5;
+/// Most VM items handled in one turn of the driver loop (one write to the log channel per turn).
+const DRAIN_ITEMS_MAX: usize = 256;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
@@ -51,7 +53,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
             node.log_addr
         ))
     })?;
-    let (stream, reader_rx, link) = accept_backup(&listener, &node, &header, epoch)?;
+    let (stream, inbox, link) = accept_backup(&listener, &node, &header, epoch)?;
     eprintln!(
         "ftvm: backup connected from {}",
         stream
@@ -75,7 +77,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         stream,
         transmit,
         pacing.clone(),
-        reader_rx,
+        inbox,
         vm_rx,
     );
     let driver_thread = std::thread::Builder::new()
@@ -121,7 +123,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     Ok(code)
 }
 
-type Accepted = (TcpStream, Receiver<link::FromPeer>, PrimaryLink);
+type Accepted = (TcpStream, link::Inbox, PrimaryLink);
 
 fn accept_backup(
     listener: &TcpListener,
@@ -168,7 +170,9 @@ fn handshake(
     header: &ftvm_log::LogHeader,
     epoch: u64,
 ) -> Result<Accepted, String> {
-    let reader_rx = link::spawn_reader(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut inbox = link::Inbox::new(link::spawn_reader(
+        stream.try_clone().map_err(|e| e.to_string())?,
+    ));
     let hello = link::hello(node, config_hash(header), disk_hash_bytes(header));
     let (mut plink, actions) = PrimaryLink::new(link::config(&node.ft), epoch, hello, now_ms())
         .map_err(|e| e.to_string())?;
@@ -180,7 +184,7 @@ fn handshake(
                 Action::Send(frame) => {
                     link::write_frame(&stream, &frame).map_err(|e| e.to_string())?
                 }
-                Action::HandshakeDone => return Ok((stream, reader_rx, plink)),
+                Action::HandshakeDone => return Ok((stream, inbox, plink)),
                 Action::HandshakeRejected { reason } => {
                     return Err(format!("the backup refused: {reason}"))
                 }
@@ -193,7 +197,7 @@ fn handshake(
         if Instant::now() > deadline {
             return Err("handshake timed out".into());
         }
-        let frame = link::next_frame(&reader_rx)?;
+        let frame = inbox.next_frame()?;
         pending = plink
             .on_message(frame, now_ms())
             .map_err(|e| e.to_string())?;
@@ -211,7 +215,9 @@ struct Driver {
     stream: Option<TcpStream>,
     transmit: Option<crate::nic::NicTx>,
     pacing: Arc<Pacing>,
-    reader_rx: Receiver<link::FromPeer>,
+    inbox: link::Inbox,
+    /// Frames to send at the end of this turn of the loop, with one write.
+    outbox: Vec<Frame>,
     vm_rx: Receiver<ToDriver>,
     tiebreak: Arc<dyn ftvm_tiebreak::TestAndSet>,
     alone: bool,
@@ -234,7 +240,7 @@ impl Driver {
         stream: TcpStream,
         transmit: Option<crate::nic::NicTx>,
         pacing: Arc<Pacing>,
-        reader_rx: Receiver<link::FromPeer>,
+        inbox: link::Inbox,
         vm_rx: Receiver<ToDriver>,
     ) -> Driver {
         let now = now_ms();
@@ -248,7 +254,8 @@ impl Driver {
             stream: Some(stream),
             transmit,
             pacing,
-            reader_rx,
+            inbox,
+            outbox: Vec::new(),
             vm_rx,
             tiebreak: node.tiebreak.clone(),
             alone: false,
@@ -264,6 +271,10 @@ impl Driver {
     }
 
     fn run(mut self) -> Result<(), Failure> {
+        let early: Vec<Frame> = self.inbox.pending.drain(..).collect();
+        if !early.is_empty() {
+            self.on_peer(link::FromPeer::Frames(early), now_ms())?;
+        }
         loop {
             let now = now_ms();
             // A primary that was paused (SIGSTOP, a long stall) may have been replaced meanwhile:
@@ -272,12 +283,20 @@ impl Driver {
                 self.check_still_current()?;
             }
             self.last_loop_ms = now;
-            let accept_vm =
-                !self.vm_done && (self.alone || (!self.link.is_stalled() && !self.rule.is_full()));
             let never = crossbeam_channel::never();
             select! {
-                recv(if accept_vm { &self.vm_rx } else { &never }) -> item => match item {
-                    Ok(item) => self.on_vm(item, now)?,
+                recv(if self.accept_vm() { &self.vm_rx } else { &never }) -> item => match item {
+                    Ok(item) => {
+                        self.on_vm(item, now)?;
+                        // Take what else the VM already queued in this turn: its records and
+                        // flushes then leave in one write.
+                        let mut more = 0;
+                        while more < DRAIN_ITEMS_MAX && self.accept_vm() {
+                            let Ok(item) = self.vm_rx.try_recv() else { break };
+                            self.on_vm(item, now)?;
+                            more += 1;
+                        }
+                    }
                     Err(_) => {
                         self.vm_done = true;
                         if !self.alone {
@@ -286,7 +305,7 @@ impl Driver {
                         }
                     }
                 },
-                recv(self.reader_rx) -> msg => {
+                recv(self.inbox.rx) -> msg => {
                     let event = msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into()));
                     self.on_peer(event, now)?;
                 },
@@ -297,6 +316,7 @@ impl Driver {
                     }
                 }
             }
+            self.send_outbox();
             self.publish(now);
             if self.vm_done && self.vm_rx.is_empty() && self.rule.held_count() == 0 {
                 if !self.alone && self.link.acked_seq() >= self.last_record_seq {
@@ -308,6 +328,10 @@ impl Driver {
                 }
             }
         }
+    }
+
+    fn accept_vm(&self) -> bool {
+        !self.vm_done && (self.alone || (!self.link.is_stalled() && !self.rule.is_full()))
     }
 
     fn on_vm(&mut self, item: ToDriver, now: u64) -> Result<(), Failure> {
@@ -344,17 +368,20 @@ impl Driver {
 
     fn on_peer(&mut self, event: link::FromPeer, now: u64) -> Result<(), Failure> {
         match event {
-            link::FromPeer::Frame(frame) => {
-                if self.alone {
-                    return Ok(());
-                }
-                match self.link.on_message(frame, now) {
-                    Ok(actions) => self.apply(actions, now),
-                    Err(e) => {
-                        eprintln!("ftvm: log channel protocol error: {e}");
-                        self.backup_failed()
+            link::FromPeer::Frames(frames) => {
+                for frame in frames {
+                    if self.alone {
+                        return Ok(());
+                    }
+                    match self.link.on_message(frame, now) {
+                        Ok(actions) => self.apply(actions, now)?,
+                        Err(e) => {
+                            eprintln!("ftvm: log channel protocol error: {e}");
+                            return self.backup_failed();
+                        }
                     }
                 }
+                Ok(())
             }
             link::FromPeer::Closed(why) => {
                 if self.alone {
@@ -369,7 +396,7 @@ impl Driver {
     fn apply(&mut self, actions: Vec<Action>, _now: u64) -> Result<(), Failure> {
         for action in actions {
             match action {
-                Action::Send(frame) => self.send(&frame),
+                Action::Send(frame) => self.send(frame),
                 Action::Release { acked_seq } => self.release(acked_seq),
                 Action::PeerFailed { silent_ms } => {
                     if !self.alone {
@@ -402,22 +429,37 @@ impl Driver {
         Ok(())
     }
 
-    fn send(&mut self, frame: &Frame) {
+    fn send(&mut self, frame: Frame) {
+        self.outbox.push(frame);
+    }
+
+    /// Writes the frames of this turn with one write.
+    fn send_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let frames = std::mem::take(&mut self.outbox);
         let Some(stream) = self.stream.as_mut() else {
             return;
         };
-        let mut bytes = frame
-            .encode()
-            .expect("frames built by ftvm are within the wire limits");
-        self.frames_sent += 1;
-        if self.corrupt_frame == Some(self.frames_sent) {
-            // Test hook: flip one bit in the middle of this frame.
-            let at = bytes.len() / 2;
-            bytes[at] ^= 0x04;
-            eprintln!(
-                "ftvm: test hook: corrupted log-channel frame {}",
-                self.frames_sent
+        let mut bytes = Vec::new();
+        for frame in &frames {
+            let start = bytes.len();
+            bytes.extend_from_slice(
+                &frame
+                    .encode()
+                    .expect("frames built by ftvm are within the wire limits"),
             );
+            self.frames_sent += 1;
+            if self.corrupt_frame == Some(self.frames_sent) {
+                // Test hook: flip one bit in the middle of this frame.
+                let at = start + (bytes.len() - start) / 2;
+                bytes[at] ^= 0x04;
+                eprintln!(
+                    "ftvm: test hook: corrupted log-channel frame {}",
+                    self.frames_sent
+                );
+            }
         }
         if let Err(e) = stream.write_all(&bytes) {
             eprintln!("ftvm: cannot write to the log channel: {e}");
@@ -489,9 +531,10 @@ impl Driver {
     fn goodbye(&mut self) {
         for action in self.link.goodbye(GoodbyeReason::Shutdown, now_ms()) {
             if let Action::Send(frame) = action {
-                self.send(&frame);
+                self.send(frame);
             }
         }
+        self.send_outbox();
         if let Some(s) = self.stream.take() {
             let _ = s.shutdown(std::net::Shutdown::Write);
         }
