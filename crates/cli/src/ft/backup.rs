@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 use ftvm_log::{ControlOp, Entry};
 use ftvm_repl::wire::Frame;
 use ftvm_repl::{Action, BackupLink};
@@ -24,18 +24,15 @@ use crate::opts::Failure;
 /// channel, the primary's unacked buffer fills, and the primary stalls (flow control).
 pub const REPLAY_QUEUE_ENTRIES_MAX: usize = 64 * 1024;
 const TICK_MS: u64 = 5;
-/// Most reader messages handled in one turn of the driver loop (one write of acks per turn).
-const DRAIN_MESSAGES_MAX: usize = 64;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
     let stream = connect(&node)?;
-    let mut inbox = link::Inbox::new(link::spawn_reader(
-        stream
-            .try_clone()
-            .map_err(|e| Failure::usage(e.to_string()))?,
-    ));
-    let blink = handshake(&stream, &mut inbox, &node, &header).map_err(|why| Failure {
+    let mut hs = stream
+        .try_clone()
+        .and_then(link::Handshaker::new)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let blink = handshake(&stream, &mut hs, &node, &header).map_err(|why| Failure {
         code: exit_code::HALTED,
         message: format!("no pairing with the primary: {why}"),
         detail: String::new(),
@@ -55,7 +52,6 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         epoch,
         link: blink,
         stream: Some(stream),
-        inbox,
         outbox: Vec::new(),
         replay_tx: Some(replay_tx),
         replayed: replayed.clone(),
@@ -64,10 +60,17 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         status: StatusWriter::new(node.status_file.clone()),
         received_seq: 0,
         bytes_received: 0,
+        last_replayed: 0,
     };
+    let driver = Arc::new(Mutex::new(driver));
+    // Frames are handled on the reader thread as they arrive (ack, queue for replay): no hop to
+    // another thread on the Output Rule's round trip. The driver thread does the timed work.
+    let d = driver.clone();
+    hs.spawn_reader(move |event| Driver::deliver(&d, event))
+        .map_err(|e| Failure::usage(format!("cannot start the log reader: {e}")))?;
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
-        .spawn(move || driver.run())
+        .spawn(move || Driver::run(&driver))
         .expect("spawn driver");
 
     let (control_tx, control_rx) = bounded::<ControlOp>(4);
@@ -125,7 +128,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 /// Waits for the primary's Hello and answers it.
 fn handshake(
     stream: &TcpStream,
-    inbox: &mut link::Inbox,
+    hs: &mut link::Handshaker,
     node: &Node,
     header: &ftvm_log::LogHeader,
 ) -> Result<BackupLink, String> {
@@ -138,7 +141,7 @@ fn handshake(
     )
     .map_err(|e| e.to_string())?;
     loop {
-        let frame = inbox.next_frame()?;
+        let frame = hs.next_frame()?;
         for action in blink
             .on_message(frame, now_ms())
             .map_err(|e| e.to_string())?
@@ -184,7 +187,6 @@ struct Driver {
     epoch: u64,
     link: BackupLink,
     stream: Option<TcpStream>,
-    inbox: link::Inbox,
     /// Frames to send at the end of this turn of the loop, with one write.
     outbox: Vec<Frame>,
     /// Dropped when the log has ended: the replaying VM then drains and goes live.
@@ -195,44 +197,62 @@ struct Driver {
     status: StatusWriter,
     received_seq: u64,
     bytes_received: u64,
+    last_replayed: u64,
 }
 
 impl Driver {
-    fn run(mut self) {
-        let mut last_replayed = 0;
-        let early: Vec<Frame> = self.inbox.pending.drain(..).collect();
-        if !early.is_empty() {
-            self.on_frames(early, now_ms());
+    /// The timed work: heartbeats, the failure timeout, progress acks, records the replay queue
+    /// had no room for, status.
+    fn run(shared: &Mutex<Driver>) {
+        loop {
+            {
+                let mut d = shared.lock().expect("driver lock");
+                if d.live.load(Ordering::SeqCst) {
+                    return;
+                }
+                let now = now_ms();
+                d.forward_records();
+                let actions = d.link.tick(now);
+                d.apply(actions);
+                d.progress(now);
+                d.send_outbox();
+                d.publish(now);
+            }
+            std::thread::sleep(Duration::from_millis(TICK_MS));
         }
-        while !self.live.load(Ordering::SeqCst) {
-            let now = now_ms();
-            self.forward_records();
-            let never = crossbeam_channel::never();
-            select! {
-                recv(if self.replay_room() { &self.inbox.rx } else { &never }) -> msg => {
-                    self.on_peer(msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into())), now);
-                    // Whatever else already arrived is handled in this turn too, under one ack.
-                    let mut more = 0;
-                    while more < DRAIN_MESSAGES_MAX && self.replay_room() {
-                        let Ok(msg) = self.inbox.rx.try_recv() else { break };
-                        self.on_peer(msg, now);
-                        more += 1;
-                    }
-                },
-                default(Duration::from_millis(TICK_MS)) => {
-                    let actions = self.link.tick(now);
-                    self.apply(actions);
-                }
+    }
+
+    /// Runs on the reader thread for what one read brought. Returns false to stop reading.
+    fn deliver(shared: &Mutex<Driver>, event: link::FromPeer) -> bool {
+        let mut d = shared.lock().expect("driver lock");
+        let now = now_ms();
+        d.on_peer(event, now);
+        d.progress(now);
+        d.send_outbox();
+        // Flow control: read no more until the replay queue has room; meanwhile the primary's
+        // unacked buffer fills and it stalls.
+        loop {
+            if d.replay_tx.is_none() || d.live.load(Ordering::SeqCst) {
+                return d.replay_tx.is_some();
             }
-            let replayed = self.replayed.load(Ordering::Relaxed);
-            if replayed != last_replayed {
-                last_replayed = replayed;
-                if let Ok(actions) = self.link.replayed(replayed, now) {
-                    self.apply(actions);
-                }
+            if d.replay_room() {
+                return true;
             }
-            self.send_outbox();
-            self.publish(now);
+            drop(d);
+            std::thread::sleep(Duration::from_millis(1));
+            d = shared.lock().expect("driver lock");
+            d.forward_records();
+        }
+    }
+
+    /// Tells the link how far the VM has replayed (it acks progress now and then).
+    fn progress(&mut self, now: u64) {
+        let replayed = self.replayed.load(Ordering::Relaxed);
+        if replayed != self.last_replayed {
+            self.last_replayed = replayed;
+            if let Ok(actions) = self.link.replayed(replayed, now) {
+                self.apply(actions);
+            }
         }
     }
 

@@ -2,17 +2,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::collections::VecDeque;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, Receiver};
 use ftvm_repl::wire::{Decoder, Frame, Hello, Message, Role as WireRole};
 
 use super::{Node, CHANNEL_READ_BYTES};
 use crate::vmdef::FtDef;
 
-/// Most decoded messages queued from the reader to the driver.
-pub const READER_QUEUE_MESSAGES_MAX: usize = 4096;
 /// How long a handshake may take.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 
@@ -42,87 +38,103 @@ pub fn config(ft: &FtDef) -> ftvm_repl::LinkConfig {
     }
 }
 
-/// Reads frames off the channel (epochs are checked by the link state machines). A corrupt frame
-/// ends the channel: it is never applied, and nothing after it can be trusted.
-pub fn spawn_reader(mut stream: TcpStream) -> Receiver<FromPeer> {
-    let (tx, rx) = bounded(READER_QUEUE_MESSAGES_MAX);
-    std::thread::Builder::new()
-        .name("ftvm-log-reader".into())
-        .spawn(move || {
-            let mut decoder = Decoder::new();
-            let mut buf = vec![0u8; CHANNEL_READ_BYTES];
-            loop {
-                let n = match stream.read(&mut buf) {
-                    Ok(0) => {
-                        let _ = tx.send(FromPeer::Closed("the peer closed the connection".into()));
-                        return;
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = tx.send(FromPeer::Closed(format!("read error: {e}")));
-                        return;
-                    }
-                };
-                decoder.push(&buf[..n]);
+/// The handshake side of the channel: reads frames synchronously (bounded by
+/// [`HANDSHAKE_TIMEOUT_MS`]); the decoder, with whatever arrived after the handshake's last
+/// frame, then goes to the reader thread.
+pub struct Handshaker {
+    stream: TcpStream,
+    decoder: Decoder,
+    buf: Vec<u8>,
+}
+
+impl Handshaker {
+    pub fn new(stream: TcpStream) -> std::io::Result<Handshaker> {
+        stream.set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))?;
+        Ok(Handshaker {
+            stream,
+            decoder: Decoder::new(),
+            buf: vec![0u8; CHANNEL_READ_BYTES],
+        })
+    }
+
+    pub fn next_frame(&mut self) -> Result<Frame, String> {
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                Err(e) => return Err(format!("corrupt frame: {e}")),
+            }
+            match (&self.stream).read(&mut self.buf) {
+                Ok(0) => return Err("the peer closed the connection".into()),
+                Ok(n) => self.decoder.push(&self.buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(format!(
+                        "no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms"
+                    ))
+                }
+                Err(e) => return Err(format!("read error: {e}")),
+            }
+        }
+    }
+
+    /// Starts the reader thread. `deliver` runs on it for every batch (all frames one read
+    /// completed, in order) and for the channel's end; it returns false to stop reading. The
+    /// reader does not read again until `deliver` returns, so a slow consumer pushes back on the
+    /// peer through TCP.
+    pub fn spawn_reader<F>(self, mut deliver: F) -> std::io::Result<std::thread::JoinHandle<()>>
+    where
+        F: FnMut(FromPeer) -> bool + Send + 'static,
+    {
+        let Handshaker {
+            stream,
+            mut decoder,
+            mut buf,
+        } = self;
+        stream.set_read_timeout(None)?;
+        std::thread::Builder::new()
+            .name("ftvm-log-reader".into())
+            .spawn(move || loop {
                 let mut frames = Vec::new();
+                let mut corrupt = None;
                 loop {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => frames.push(frame),
                         Ok(None) => break,
                         Err(e) => {
-                            // The good frames before it still count; nothing after it does.
-                            if !frames.is_empty() {
-                                let _ = tx.send(FromPeer::Frames(std::mem::take(&mut frames)));
-                            }
-                            eprintln!("ftvm: corrupt log-channel frame detected, not applied: {e}");
-                            let _ = tx.send(FromPeer::Closed(format!("corrupt frame: {e}")));
-                            let _ = stream.shutdown(std::net::Shutdown::Both);
-                            return;
+                            corrupt = Some(e);
+                            break;
                         }
                     }
                 }
-                if !frames.is_empty() && tx.send(FromPeer::Frames(frames)).is_err() {
+                // The good frames before a corrupt one still count; nothing after it does.
+                if !frames.is_empty() && !deliver(FromPeer::Frames(frames)) {
                     return;
                 }
-            }
-        })
-        .expect("spawn reader");
-    rx
-}
-
-/// The reader's output, frame by frame for the handshake: frames that arrived in the same read
-/// as the handshake's last one stay in `pending` for the driver.
-pub struct Inbox {
-    pub rx: Receiver<FromPeer>,
-    pub pending: VecDeque<Frame>,
-}
-
-impl Inbox {
-    pub fn new(rx: Receiver<FromPeer>) -> Inbox {
-        Inbox {
-            rx,
-            pending: VecDeque::new(),
-        }
-    }
-
-    /// Waits (bounded) for the next frame during a handshake.
-    pub fn next_frame(&mut self) -> Result<Frame, String> {
-        if let Some(f) = self.pending.pop_front() {
-            return Ok(f);
-        }
-        match self.rx.recv_timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)) {
-            Ok(FromPeer::Frames(frames)) => {
-                self.pending.extend(frames);
-                self.pending
-                    .pop_front()
-                    .ok_or_else(|| "the reader sent an empty batch".to_string())
-            }
-            Ok(FromPeer::Closed(why)) => Err(why),
-            Err(_) => Err(format!(
-                "no handshake from the peer within {HANDSHAKE_TIMEOUT_MS} ms"
-            )),
-        }
+                if let Some(e) = corrupt {
+                    eprintln!("ftvm: corrupt log-channel frame detected, not applied: {e}");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    deliver(FromPeer::Closed(format!("corrupt frame: {e}")));
+                    return;
+                }
+                match (&stream).read(&mut buf) {
+                    Ok(0) => {
+                        deliver(FromPeer::Closed("the peer closed the connection".into()));
+                        return;
+                    }
+                    Ok(n) => decoder.push(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        deliver(FromPeer::Closed(format!("read error: {e}")));
+                        return;
+                    }
+                }
+            })
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, Receiver};
@@ -53,7 +53,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
             node.log_addr
         ))
     })?;
-    let (stream, inbox, link) = accept_backup(&listener, &node, &header, epoch)?;
+    let (stream, hs, link) = accept_backup(&listener, &node, &header, epoch)?;
     eprintln!(
         "ftvm: backup connected from {}",
         stream
@@ -77,12 +77,16 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         stream,
         transmit,
         pacing.clone(),
-        inbox,
-        vm_rx,
     );
+    let driver = Arc::new(Mutex::new(driver));
+    // Acks are handled on the reader thread as they arrive (release the outputs they cover): no
+    // hop to another thread on the Output Rule's round trip.
+    let d = driver.clone();
+    hs.spawn_reader(move |event| Driver::deliver(&d, event))
+        .map_err(|e| Failure::usage(format!("cannot start the log reader: {e}")))?;
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
-        .spawn(move || driver.run())
+        .spawn(move || Driver::run(&driver, vm_rx))
         .expect("spawn driver");
 
     let channel: Box<dyn ftvm_vm::LogSink> = Box::new(ChannelSink::new(vm_tx.clone(), pacing));
@@ -123,7 +127,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     Ok(code)
 }
 
-type Accepted = (TcpStream, link::Inbox, PrimaryLink);
+type Accepted = (TcpStream, link::Handshaker, PrimaryLink);
 
 fn accept_backup(
     listener: &TcpListener,
@@ -170,9 +174,10 @@ fn handshake(
     header: &ftvm_log::LogHeader,
     epoch: u64,
 ) -> Result<Accepted, String> {
-    let mut inbox = link::Inbox::new(link::spawn_reader(
-        stream.try_clone().map_err(|e| e.to_string())?,
-    ));
+    let mut hs = stream
+        .try_clone()
+        .and_then(link::Handshaker::new)
+        .map_err(|e| e.to_string())?;
     let hello = link::hello(node, config_hash(header), disk_hash_bytes(header));
     let (mut plink, actions) = PrimaryLink::new(link::config(&node.ft), epoch, hello, now_ms())
         .map_err(|e| e.to_string())?;
@@ -184,7 +189,7 @@ fn handshake(
                 Action::Send(frame) => {
                     link::write_frame(&stream, &frame).map_err(|e| e.to_string())?
                 }
-                Action::HandshakeDone => return Ok((stream, inbox, plink)),
+                Action::HandshakeDone => return Ok((stream, hs, plink)),
                 Action::HandshakeRejected { reason } => {
                     return Err(format!("the backup refused: {reason}"))
                 }
@@ -197,7 +202,7 @@ fn handshake(
         if Instant::now() > deadline {
             return Err("handshake timed out".into());
         }
-        let frame = inbox.next_frame()?;
+        let frame = hs.next_frame()?;
         pending = plink
             .on_message(frame, now_ms())
             .map_err(|e| e.to_string())?;
@@ -215,10 +220,8 @@ struct Driver {
     stream: Option<TcpStream>,
     transmit: Option<crate::nic::NicTx>,
     pacing: Arc<Pacing>,
-    inbox: link::Inbox,
     /// Frames to send at the end of this turn of the loop, with one write.
     outbox: Vec<Frame>,
-    vm_rx: Receiver<ToDriver>,
     tiebreak: Arc<dyn ftvm_tiebreak::TestAndSet>,
     alone: bool,
     status: StatusWriter,
@@ -226,6 +229,14 @@ struct Driver {
     frames_sent: u64,
     corrupt_frame: Option<u64>,
     last_loop_ms: u64,
+    last_tick_ms: u64,
+    /// A failure found on the reader thread, for the driver thread to return.
+    failed: Option<Failure>,
+    /// Said goodbye: whatever the channel does now is not a failure.
+    finished: bool,
+    /// The reader saw the channel end; the driver thread handles it after its own work of the
+    /// turn, so a backup that leaves right after acking the guest's last entry is not a failure.
+    peer_closed: Option<String>,
     vm_done: bool,
     last_record_seq: u64,
     lag_ms: u64,
@@ -240,8 +251,6 @@ impl Driver {
         stream: TcpStream,
         transmit: Option<crate::nic::NicTx>,
         pacing: Arc<Pacing>,
-        inbox: link::Inbox,
-        vm_rx: Receiver<ToDriver>,
     ) -> Driver {
         let now = now_ms();
         Driver {
@@ -254,9 +263,7 @@ impl Driver {
             stream: Some(stream),
             transmit,
             pacing,
-            inbox,
             outbox: Vec::new(),
-            vm_rx,
             tiebreak: node.tiebreak.clone(),
             alone: false,
             status: StatusWriter::new(node.status_file.clone()),
@@ -264,70 +271,108 @@ impl Driver {
             frames_sent: 0,
             corrupt_frame: node.corrupt_frame,
             last_loop_ms: now,
+            last_tick_ms: now,
+            failed: None,
+            finished: false,
+            peer_closed: None,
             vm_done: false,
             last_record_seq: 0,
             lag_ms: 0,
         }
     }
 
-    fn run(mut self) -> Result<(), Failure> {
-        let early: Vec<Frame> = self.inbox.pending.drain(..).collect();
-        if !early.is_empty() {
-            self.on_peer(link::FromPeer::Frames(early), now_ms())?;
-        }
+    fn run(shared: &Mutex<Driver>, vm_rx: Receiver<ToDriver>) -> Result<(), Failure> {
         loop {
-            let now = now_ms();
-            // A primary that was paused (SIGSTOP, a long stall) may have been replaced meanwhile:
-            // before it touches anything, it asks the tiebreaker whether its epoch is still current.
-            if now.saturating_sub(self.last_loop_ms) > self.failure_timeout_ms / 2 {
-                self.check_still_current()?;
-            }
-            self.last_loop_ms = now;
+            let accept_vm = {
+                let mut d = shared.lock().expect("driver lock");
+                d.turn_start(now_ms())?;
+                d.accept_vm()
+            };
             let never = crossbeam_channel::never();
-            select! {
-                recv(if self.accept_vm() { &self.vm_rx } else { &never }) -> item => match item {
-                    Ok(item) => {
-                        self.on_vm(item, now)?;
-                        // Take what else the VM already queued in this turn: its records and
-                        // flushes then leave in one write.
-                        let mut more = 0;
-                        while more < DRAIN_ITEMS_MAX && self.accept_vm() {
-                            let Ok(item) = self.vm_rx.try_recv() else { break };
-                            self.on_vm(item, now)?;
-                            more += 1;
-                        }
+            let item = select! {
+                recv(if accept_vm { &vm_rx } else { &never }) -> item => Some(item),
+                default(Duration::from_millis(TICK_MS)) => None,
+            };
+            let mut d = shared.lock().expect("driver lock");
+            let now = now_ms();
+            d.turn_start(now)?;
+            match item {
+                Some(Ok(item)) => {
+                    d.on_vm(item, now)?;
+                    // Take what else the VM already queued: its records and flushes then leave
+                    // in one write.
+                    let mut more = 0;
+                    while more < DRAIN_ITEMS_MAX && d.accept_vm() {
+                        let Ok(item) = vm_rx.try_recv() else { break };
+                        d.on_vm(item, now)?;
+                        more += 1;
                     }
-                    Err(_) => {
-                        self.vm_done = true;
-                        if !self.alone {
-                            let actions = self.link.flush(now);
-                            self.apply(actions, now)?;
-                        }
+                }
+                Some(Err(_)) => {
+                    d.vm_done = true;
+                    if !d.alone {
+                        let actions = d.link.flush(now);
+                        d.apply(actions, now)?;
                     }
-                },
-                recv(self.inbox.rx) -> msg => {
-                    let event = msg.unwrap_or(link::FromPeer::Closed("the reader stopped".into()));
-                    self.on_peer(event, now)?;
-                },
-                default(Duration::from_millis(TICK_MS)) => {
-                    if !self.alone {
-                        let actions = self.link.tick(now);
-                        self.apply(actions, now)?;
-                    }
+                }
+                None => {}
+            }
+            if !d.alone && now.saturating_sub(d.last_tick_ms) >= TICK_MS {
+                d.last_tick_ms = now;
+                let actions = d.link.tick(now);
+                d.apply(actions, now)?;
+            }
+            d.send_outbox();
+            d.publish(now);
+            if d.vm_done && vm_rx.is_empty() && d.rule.held_count() == 0 {
+                if !d.alone && d.link.acked_seq() >= d.last_record_seq {
+                    d.goodbye();
+                    return Ok(());
+                }
+                if d.alone {
+                    return Ok(());
                 }
             }
-            self.send_outbox();
-            self.publish(now);
-            if self.vm_done && self.vm_rx.is_empty() && self.rule.held_count() == 0 {
-                if !self.alone && self.link.acked_seq() >= self.last_record_seq {
-                    self.goodbye();
-                    return Ok(());
-                }
-                if self.alone {
-                    return Ok(());
-                }
+            if let Some(why) = d.peer_closed.take() {
+                d.on_peer(link::FromPeer::Closed(why), now)?;
             }
         }
+    }
+
+    /// Runs on the reader thread for what one read brought. Returns false to stop reading.
+    fn deliver(shared: &Mutex<Driver>, event: link::FromPeer) -> bool {
+        let mut d = shared.lock().expect("driver lock");
+        if d.finished {
+            return false;
+        }
+        let now = now_ms();
+        if let link::FromPeer::Closed(why) = event {
+            d.peer_closed = Some(why);
+            return false;
+        }
+        let result = d.turn_start(now).and_then(|_| d.on_peer(event, now));
+        d.send_outbox();
+        match result {
+            Ok(()) => !d.alone,
+            Err(f) => {
+                d.failed = Some(f);
+                false
+            }
+        }
+    }
+
+    /// Every turn, on either thread: a primary that was paused (SIGSTOP, a long stall) may have
+    /// been replaced meanwhile, so before it touches anything it asks the tiebreaker whether its
+    /// epoch is still current.
+    fn turn_start(&mut self, now: u64) -> Result<(), Failure> {
+        if let Some(f) = self.failed.take() {
+            return Err(f);
+        }
+        if now.saturating_sub(self.last_loop_ms) > self.failure_timeout_ms / 2 {
+            self.check_still_current()?;
+        }
+        self.last_loop_ms = now;
+        Ok(())
     }
 
     fn accept_vm(&self) -> bool {
@@ -529,6 +574,7 @@ impl Driver {
     }
 
     fn goodbye(&mut self) {
+        self.finished = true;
         for action in self.link.goodbye(GoodbyeReason::Shutdown, now_ms()) {
             if let Action::Send(frame) = action {
                 self.send(frame);
