@@ -397,7 +397,6 @@ impl Tcb {
             sack,
             payload,
             retransmit,
-            ..Default::default()
         });
         self.ack_pending = false;
     }

@@ -1,23 +1,16 @@
-//! The VM side of the log channel: a sink that hands records and outputs, in program order, to
-//! the replication driver, and a source that feeds a replaying VM from it.
-//!
-//! Records and outputs travel on one bounded queue so that the driver sees an output only after
-//! the records it depends on (the Output Rule's tag is then simply "the last record before it").
-//! When the queue is full the VM blocks: that is the paper's stall of a primary whose log buffer
-//! is full.
+//! The VM side of the log channel: what the VM hands the replication driver (records, flushes
+//! and outputs, in program order, so an output's tag is simply "the last record before it"),
+//! the flow-control pause, and a source that feeds a replaying VM from the driver.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use ftvm_log::Entry;
 
-use crate::gate::{LogSink, LogSource, Output, OutputPort};
+use crate::gate::{LogSource, Output};
 use crate::VmError;
-
-/// Most items queued between the VM and the replication driver.
-pub const VM_QUEUE_ITEMS_MAX: usize = 16 * 1024;
 
 /// What the VM thread tells the replication driver.
 #[derive(Debug)]
@@ -41,75 +34,16 @@ pub struct Pacing {
 /// Longest single flow-control pause.
 pub const PACE_PAUSE_MS_MAX: u64 = 100;
 
-pub struct ChannelSink {
-    tx: Sender<ToDriver>,
-    pacing: Arc<Pacing>,
-    scratch: Vec<u8>,
-    last_pace: std::time::Instant,
-}
-
-impl ChannelSink {
-    pub fn new(tx: Sender<ToDriver>, pacing: Arc<Pacing>) -> ChannelSink {
-        ChannelSink {
-            tx,
-            pacing,
-            scratch: Vec::new(),
-            last_pace: std::time::Instant::now(),
-        }
+/// Flow control: the pause to take now so that paused time is `slowdown_permille` of all time.
+pub fn pace_pause(pacing: &Pacing, last_pace: &mut std::time::Instant) -> Duration {
+    // Host time, used only to size a pause: it never reaches the guest.
+    let ran = last_pace.elapsed();
+    *last_pace = std::time::Instant::now();
+    let s = pacing.slowdown_permille.load(Ordering::Relaxed).min(900);
+    if s == 0 {
+        return Duration::ZERO;
     }
-}
-
-fn driver_gone() -> VmError {
-    VmError::Halted("the replication driver stopped (this replica is halting)".into())
-}
-
-impl LogSink for ChannelSink {
-    fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
-        self.scratch.clear();
-        entry.encode_framed(seq, &mut self.scratch);
-        self.tx
-            .send(ToDriver::Record {
-                seq,
-                bytes: self.scratch.clone(),
-            })
-            .map_err(|_| driver_gone())
-    }
-    fn flush(&mut self) -> Result<(), VmError> {
-        self.tx.send(ToDriver::Flush).map_err(|_| driver_gone())
-    }
-    fn pace(&mut self) -> Duration {
-        // Host time, used only to size a pause: it never reaches the guest.
-        let ran = self.last_pace.elapsed();
-        self.last_pace = std::time::Instant::now();
-        let s = self
-            .pacing
-            .slowdown_permille
-            .load(Ordering::Relaxed)
-            .min(900);
-        if s == 0 {
-            return Duration::ZERO;
-        }
-        (ran * s as u32 / (1000 - s as u32)).min(Duration::from_millis(PACE_PAUSE_MS_MAX))
-    }
-}
-
-/// Outputs of a primary: queued to the driver, which releases them under the Output Rule.
-pub struct HeldOutputs {
-    tx: Sender<ToDriver>,
-}
-
-impl HeldOutputs {
-    pub fn new(tx: Sender<ToDriver>) -> HeldOutputs {
-        HeldOutputs { tx }
-    }
-}
-
-impl OutputPort for HeldOutputs {
-    fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
-        self.tx
-            .send(ToDriver::Output { seq, output })
-            .map_err(|_| driver_gone())
-    }
+    (ran * s as u32 / (1000 - s as u32)).min(Duration::from_millis(PACE_PAUSE_MS_MAX))
 }
 
 /// A replaying VM's log source: decoded entries from the driver. The driver drops its sender

@@ -3,16 +3,16 @@
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver};
+use crossbeam_channel::bounded;
 use ftvm_log::ControlOp;
 use ftvm_repl::wire::{Frame, GoodbyeReason};
 use ftvm_repl::{Action, OutputRule, PrimaryLink, Record};
-use ftvm_vm::channel::{ChannelSink, HeldOutputs, Pacing, ToDriver, VM_QUEUE_ITEMS_MAX};
+use ftvm_vm::channel::{Pacing, ToDriver};
 use ftvm_vm::gate::Output;
-use ftvm_vm::{exit_code, Gate, Vm, VmOutcome, World};
+use ftvm_vm::{exit_code, Gate, Vm, VmError, VmOutcome, World};
 
 use super::status::{Status, StatusWriter};
 use super::{config_hash, disk_hash_bytes, link, now_ms, Node};
@@ -20,8 +20,6 @@ use crate::opts::Failure;
 
 /// Driver loop period: heartbeats, timeouts and status are checked at least this often.
 const TICK_MS: u64 = 5;
-/// Most VM items handled in one turn of the driver loop (one write to the log channel per turn).
-const DRAIN_ITEMS_MAX: usize = 256;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
@@ -63,33 +61,36 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     );
 
     let attachment = super::attach(&node, true)?;
-    let (vm_tx, vm_rx) = bounded::<ToDriver>(VM_QUEUE_ITEMS_MAX);
     let (control_tx, control_rx) = bounded::<ControlOp>(4);
     let pacing = Arc::new(Pacing::default());
     let power_off = super::install_power_off_signal(control_tx);
 
     let frames_rx = attachment.as_ref().map(|a| a.receiver());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
-    let driver = Driver::new(
-        &node,
-        epoch,
-        link,
-        stream,
-        transmit,
-        pacing.clone(),
-    );
-    let driver = Arc::new(Mutex::new(driver));
-    // Acks are handled on the reader thread as they arrive (release the outputs they cover): no
-    // hop to another thread on the Output Rule's round trip.
-    let d = driver.clone();
-    hs.spawn_reader(move |event| Driver::deliver(&d, event))
+    let shared = Arc::new(Shared {
+        driver: Mutex::new(Driver::new(&node, epoch, link, pacing.clone())),
+        wake: Condvar::new(),
+        channel: Mutex::new(Some(stream)),
+        emitter: Mutex::new(Emitter { transmit }),
+    });
+    // Acks are handled on the reader thread as they arrive (they release the outputs they
+    // cover), records and outputs on the VM thread as they are produced: no hop to another
+    // thread on the Output Rule's round trip. The driver thread does the timed work.
+    let s = shared.clone();
+    hs.spawn_reader(move |event| Shared::deliver(&s, event))
         .map_err(|e| Failure::usage(format!("cannot start the log reader: {e}")))?;
+    let s = shared.clone();
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
-        .spawn(move || Driver::run(&driver, vm_rx))
+        .spawn(move || Shared::run(&s))
         .expect("spawn driver");
 
-    let channel: Box<dyn ftvm_vm::LogSink> = Box::new(ChannelSink::new(vm_tx.clone(), pacing));
+    let channel: Box<dyn ftvm_vm::LogSink> = Box::new(DirectSink {
+        shared: shared.clone(),
+        pacing,
+        last_pace: Instant::now(),
+        scratch: Vec::new(),
+    });
     let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
         Some(path) => Box::new(ftvm_vm::gate::TeeSink(
             channel,
@@ -100,21 +101,22 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let gate = Gate::record(
         sink,
         World::new(frames_rx, Some(control_rx)),
-        Box::new(HeldOutputs::new(vm_tx.clone())),
+        Box::new(DirectOutputs {
+            shared: shared.clone(),
+        }),
         node.image.spec.limits.checkpoint_events,
     );
     let mut vm = Vm::boot(&node.image, gate)?;
     let outcome = vm.run();
     drop(power_off);
-    // Tell the driver the VM is done; it drains, waits for the final acks and says goodbye.
     let code = match &outcome {
         Ok(VmOutcome::Exited(c)) => (*c & 0xff) as i32,
         Ok(VmOutcome::PoweredOff) => 0,
         Err(e) => e.exit_code(),
     };
-    let _ = vm_tx.send(ToDriver::Flush);
+    // Tell the driver the VM is done; it waits for the final acks and says goodbye.
+    Shared::vm_finished(&shared);
     drop(vm);
-    drop(vm_tx);
     let driver_result = driver_thread.join().expect("driver thread");
     if let Err(halt) = driver_result {
         return Err(halt);
@@ -217,11 +219,13 @@ struct Driver {
     failure_timeout_ms: u64,
     link: PrimaryLink,
     rule: OutputRule<Held>,
-    stream: Option<TcpStream>,
-    transmit: Option<crate::nic::NicTx>,
+    /// The log channel is given up (backup failed, or goodbye said).
+    channel_closed: bool,
     pacing: Arc<Pacing>,
-    /// Frames to send at the end of this turn of the loop, with one write.
+    /// Frames to send at the end of this turn, with one write.
     outbox: Vec<Frame>,
+    /// Outputs to emit at the end of this turn, in this order.
+    to_emit: Vec<Output>,
     tiebreak: Arc<dyn ftvm_tiebreak::TestAndSet>,
     alone: bool,
     status: StatusWriter,
@@ -243,13 +247,10 @@ struct Driver {
 }
 
 impl Driver {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         node: &Node,
         epoch: u64,
         link: PrimaryLink,
-        stream: TcpStream,
-        transmit: Option<crate::nic::NicTx>,
         pacing: Arc<Pacing>,
     ) -> Driver {
         let now = now_ms();
@@ -260,10 +261,10 @@ impl Driver {
             failure_timeout_ms: node.ft.failure_timeout_ms,
             link,
             rule: OutputRule::new(0),
-            stream: Some(stream),
-            transmit,
+            channel_closed: false,
             pacing,
             outbox: Vec::new(),
+            to_emit: Vec::new(),
             tiebreak: node.tiebreak.clone(),
             alone: false,
             status: StatusWriter::new(node.status_file.clone()),
@@ -278,86 +279,6 @@ impl Driver {
             vm_done: false,
             last_record_seq: 0,
             lag_ms: 0,
-        }
-    }
-
-    fn run(shared: &Mutex<Driver>, vm_rx: Receiver<ToDriver>) -> Result<(), Failure> {
-        loop {
-            let accept_vm = {
-                let mut d = shared.lock().expect("driver lock");
-                d.turn_start(now_ms())?;
-                d.accept_vm()
-            };
-            let never = crossbeam_channel::never();
-            let item = select! {
-                recv(if accept_vm { &vm_rx } else { &never }) -> item => Some(item),
-                default(Duration::from_millis(TICK_MS)) => None,
-            };
-            let mut d = shared.lock().expect("driver lock");
-            let now = now_ms();
-            d.turn_start(now)?;
-            match item {
-                Some(Ok(item)) => {
-                    d.on_vm(item, now)?;
-                    // Take what else the VM already queued: its records and flushes then leave
-                    // in one write.
-                    let mut more = 0;
-                    while more < DRAIN_ITEMS_MAX && d.accept_vm() {
-                        let Ok(item) = vm_rx.try_recv() else { break };
-                        d.on_vm(item, now)?;
-                        more += 1;
-                    }
-                }
-                Some(Err(_)) => {
-                    d.vm_done = true;
-                    if !d.alone {
-                        let actions = d.link.flush(now);
-                        d.apply(actions, now)?;
-                    }
-                }
-                None => {}
-            }
-            if !d.alone && now.saturating_sub(d.last_tick_ms) >= TICK_MS {
-                d.last_tick_ms = now;
-                let actions = d.link.tick(now);
-                d.apply(actions, now)?;
-            }
-            d.send_outbox();
-            d.publish(now);
-            if d.vm_done && vm_rx.is_empty() && d.rule.held_count() == 0 {
-                if !d.alone && d.link.acked_seq() >= d.last_record_seq {
-                    d.goodbye();
-                    return Ok(());
-                }
-                if d.alone {
-                    return Ok(());
-                }
-            }
-            if let Some(why) = d.peer_closed.take() {
-                d.on_peer(link::FromPeer::Closed(why), now)?;
-            }
-        }
-    }
-
-    /// Runs on the reader thread for what one read brought. Returns false to stop reading.
-    fn deliver(shared: &Mutex<Driver>, event: link::FromPeer) -> bool {
-        let mut d = shared.lock().expect("driver lock");
-        if d.finished {
-            return false;
-        }
-        let now = now_ms();
-        if let link::FromPeer::Closed(why) = event {
-            d.peer_closed = Some(why);
-            return false;
-        }
-        let result = d.turn_start(now).and_then(|_| d.on_peer(event, now));
-        d.send_outbox();
-        match result {
-            Ok(()) => !d.alone,
-            Err(f) => {
-                d.failed = Some(f);
-                false
-            }
         }
     }
 
@@ -478,17 +399,14 @@ impl Driver {
         self.outbox.push(frame);
     }
 
-    /// Writes the frames of this turn with one write.
-    fn send_outbox(&mut self) {
-        if self.outbox.is_empty() {
-            return;
+    /// The frames of this turn, encoded for one write (none once the channel is given up).
+    fn take_outbox_bytes(&mut self) -> Option<Vec<u8>> {
+        if self.outbox.is_empty() || self.channel_closed {
+            self.outbox.clear();
+            return None;
         }
-        let frames = std::mem::take(&mut self.outbox);
-        let Some(stream) = self.stream.as_mut() else {
-            return;
-        };
         let mut bytes = Vec::new();
-        for frame in &frames {
+        for frame in std::mem::take(&mut self.outbox) {
             let start = bytes.len();
             bytes.extend_from_slice(
                 &frame
@@ -506,13 +424,9 @@ impl Driver {
                 );
             }
         }
-        if let Err(e) = stream.write_all(&bytes) {
-            eprintln!("ftvm: cannot write to the log channel: {e}");
-            self.stream = None;
-            return;
-        }
         self.bytes_sent
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Some(bytes)
     }
 
     fn release(&mut self, acked: u64) {
@@ -522,26 +436,12 @@ impl Driver {
     }
 
     fn emit(&mut self, output: Output) {
-        match output {
-            Output::Frame(frame) => {
-                if let Some(tx) = &self.transmit {
-                    tx.send(frame);
-                }
-            }
-            Output::Console { fd, bytes } => {
-                let _ = if fd == 2 {
-                    std::io::stderr().lock().write_all(&bytes)
-                } else {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&bytes).and_then(|_| out.flush())
-                };
-            }
-        }
+        self.to_emit.push(output);
     }
 
     /// The paper: the primary also wins the tiebreaker before it goes on alone.
     fn backup_failed(&mut self) -> Result<(), Failure> {
-        self.stream = None;
+        self.channel_closed = true;
         let next = self.epoch + 1;
         match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
             Ok(true) => {
@@ -573,16 +473,13 @@ impl Driver {
         }
     }
 
+    /// Queues the goodbye; the channel is closed after it is written.
     fn goodbye(&mut self) {
         self.finished = true;
         for action in self.link.goodbye(GoodbyeReason::Shutdown, now_ms()) {
             if let Action::Send(frame) = action {
                 self.send(frame);
             }
-        }
-        self.send_outbox();
-        if let Some(s) = self.stream.take() {
-            let _ = s.shutdown(std::net::Shutdown::Write);
         }
     }
 
@@ -612,6 +509,209 @@ impl Driver {
             outputs_held_bytes: self.rule.held_bytes() as u64,
             slowdown_permille: self.pacing.slowdown_permille.load(Ordering::Relaxed),
         });
+    }
+}
+
+/// The primary's replication state, shared by the VM thread (records, outputs), the reader
+/// thread (acks) and the driver thread (timers).
+struct Shared {
+    driver: Mutex<Driver>,
+    /// Signalled when acks arrive: a stalled VM may go on, the driver may finish.
+    wake: Condvar,
+    /// The log channel's write side. Taken before the driver lock is let go, so bytes leave in
+    /// the order the driver decided them; the write itself happens outside the driver lock.
+    channel: Mutex<Option<TcpStream>>,
+    /// The same for outputs.
+    emitter: Mutex<Emitter>,
+}
+
+struct Emitter {
+    transmit: Option<crate::nic::NicTx>,
+}
+
+impl Emitter {
+    fn emit(&mut self, output: Output) {
+        match output {
+            Output::Frame(frame) => {
+                if let Some(tx) = &self.transmit {
+                    tx.send(frame);
+                }
+            }
+            Output::Console { fd, bytes } => {
+                let _ = if fd == 2 {
+                    std::io::stderr().lock().write_all(&bytes)
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&bytes).and_then(|_| out.flush())
+                };
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Driver> {
+        self.driver.lock().expect("driver lock")
+    }
+
+    /// Ends a turn: writes the frames and emits the outputs it produced, outside the driver lock
+    /// but in the order it produced them.
+    fn end_turn(&self, mut d: MutexGuard<'_, Driver>) {
+        let bytes = d.take_outbox_bytes();
+        let outputs = std::mem::take(&mut d.to_emit);
+        let close = d.channel_closed || d.finished;
+        let mut channel = (bytes.is_some() || close).then(|| self.channel.lock().expect("channel lock"));
+        let mut emitter = (!outputs.is_empty()).then(|| self.emitter.lock().expect("emitter lock"));
+        drop(d);
+        if let Some(channel) = channel.as_mut() {
+            if let (Some(bytes), Some(stream)) = (bytes, channel.as_mut()) {
+                if let Err(e) = stream.write_all(&bytes) {
+                    eprintln!("ftvm: cannot write to the log channel: {e}");
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    **channel = None;
+                }
+            }
+            if close {
+                if let Some(stream) = channel.take() {
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+        }
+        drop(channel);
+        if let Some(emitter) = emitter.as_mut() {
+            for output in outputs {
+                emitter.emit(output);
+            }
+        }
+    }
+
+    /// A record, flush or output from the VM thread. Blocks while the link is stalled or the
+    /// Output Rule's buffer is full: the paper's stalled primary.
+    fn from_vm(&self, item: ToDriver) -> Result<(), VmError> {
+        let mut d = self.lock();
+        while !d.accept_vm() {
+            if d.vm_done {
+                return Err(VmError::Halted("the replication driver stopped".into()));
+            }
+            d = self
+                .wake
+                .wait_timeout(d, Duration::from_millis(TICK_MS))
+                .expect("driver lock")
+                .0;
+        }
+        let now = now_ms();
+        let result = d.turn_start(now).and_then(|_| d.on_vm(item, now));
+        self.end_turn(d);
+        result.map_err(|f| VmError::Halted(f.message))
+    }
+
+    /// The VM has stopped: the driver thread waits for the final acks and says goodbye.
+    fn vm_finished(&self) {
+        let mut d = self.lock();
+        d.vm_done = true;
+        if !d.alone {
+            let now = now_ms();
+            let actions = d.link.flush(now);
+            let _ = d.apply(actions, now);
+        }
+        self.end_turn(d);
+        self.wake.notify_all();
+    }
+
+    /// Runs on the reader thread for what one read brought. Returns false to stop reading.
+    fn deliver(&self, event: link::FromPeer) -> bool {
+        let mut d = self.lock();
+        if d.finished {
+            return false;
+        }
+        if let link::FromPeer::Closed(why) = event {
+            // Handled by the driver thread after its own work of the turn, so a backup that
+            // leaves right after acking the guest's last entry is not taken for a failure.
+            d.peer_closed = Some(why);
+            drop(d);
+            self.wake.notify_all();
+            return false;
+        }
+        let now = now_ms();
+        let result = d.turn_start(now).and_then(|_| d.on_peer(event, now));
+        let go_on = match result {
+            Ok(()) => !d.alone,
+            Err(f) => {
+                d.failed = Some(f);
+                false
+            }
+        };
+        self.end_turn(d);
+        self.wake.notify_all();
+        go_on
+    }
+
+    /// The driver thread: heartbeats, the failure timeout, a closed channel, status, the end.
+    fn run(&self) -> Result<(), Failure> {
+        loop {
+            let d = self.lock();
+            let (mut d, _) = self
+                .wake
+                .wait_timeout(d, Duration::from_millis(TICK_MS))
+                .expect("driver lock");
+            let now = now_ms();
+            d.turn_start(now)?;
+            if !d.alone && now.saturating_sub(d.last_tick_ms) >= TICK_MS {
+                d.last_tick_ms = now;
+                let actions = d.link.tick(now);
+                d.apply(actions, now)?;
+            }
+            d.publish(now);
+            if d.vm_done && d.rule.held_count() == 0 {
+                if !d.alone && d.link.acked_seq() >= d.last_record_seq {
+                    d.goodbye();
+                    self.end_turn(d);
+                    return Ok(());
+                }
+                if d.alone {
+                    self.end_turn(d);
+                    return Ok(());
+                }
+            }
+            if let Some(why) = d.peer_closed.take() {
+                d.on_peer(link::FromPeer::Closed(why), now)?;
+            }
+            self.end_turn(d);
+        }
+    }
+}
+
+/// The VM's log sink on a primary: records go straight into the link state machine.
+struct DirectSink {
+    shared: Arc<Shared>,
+    pacing: Arc<Pacing>,
+    last_pace: Instant,
+    scratch: Vec<u8>,
+}
+
+impl ftvm_vm::LogSink for DirectSink {
+    fn append(&mut self, seq: u64, entry: &ftvm_log::Entry) -> Result<(), VmError> {
+        self.scratch.clear();
+        entry.encode_framed(seq, &mut self.scratch);
+        let bytes = self.scratch.clone();
+        self.shared.from_vm(ToDriver::Record { seq, bytes })
+    }
+    fn flush(&mut self) -> Result<(), VmError> {
+        self.shared.from_vm(ToDriver::Flush)
+    }
+    fn pace(&mut self) -> Duration {
+        ftvm_vm::channel::pace_pause(&self.pacing, &mut self.last_pace)
+    }
+}
+
+/// The VM's outputs on a primary: held under the Output Rule.
+struct DirectOutputs {
+    shared: Arc<Shared>,
+}
+
+impl ftvm_vm::OutputPort for DirectOutputs {
+    fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
+        self.shared.from_vm(ToDriver::Output { seq, output })
     }
 }
 
