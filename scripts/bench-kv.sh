@@ -7,6 +7,7 @@
 # then single-stream echo throughput (ftvm vs native), the log bandwidth of the FT pair under load,
 # and the client-visible stall of a failover (SIGKILL of the primary during an INCR loop).
 # Usage: scripts/bench-kv.sh [REQUESTS] [ROUNDS]      (root; run scripts/setup.sh first)
+#        PIPELINE=16 scripts/bench-kv.sh ...            (redis-benchmark -P 16)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
@@ -42,7 +43,7 @@ ip = "$VM/24"
 TOML
 wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1:$2" >&2; return 1; }
 bench() { # bench NAME HOST PORT -> appends "name test rps p50 p99" lines
-    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c 50 --csv 2>/dev/null |
+    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c 50 ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
@@ -68,7 +69,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     stop $pa; stop $pb
 done
 
-echo "redis-benchmark -t ping,set,get,incr -n $N -c 50, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
+echo "redis-benchmark -t ping,set,get,incr -n $N -c 50 ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
 python3 - "$TMP/results" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)

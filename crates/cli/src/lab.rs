@@ -54,6 +54,20 @@ fn ip(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+/// The lab's bridges forward frames without passing them through iptables, as on a hypervisor
+/// host: where the kernel's br_netfilter is loaded (Docker loads it) its default, per network
+/// namespace, sends every bridged IPv4 frame through the iptables hooks. Nothing to do where the
+/// module is absent.
+fn bridge_without_netfilter(ns: &str) {
+    for key in [
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+        "net.bridge.bridge-nf-call-arptables",
+    ] {
+        let _ = in_ns(ns, &["sysctl", "-qw", &format!("{key}=0")]);
+    }
+}
+
 fn in_ns(ns: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(["netns", "exec", ns])
@@ -110,6 +124,7 @@ impl Lab {
         let sw = netns(&self.name, "switch");
         ip(&["netns", "add", &sw])?;
         in_ns(&sw, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+        bridge_without_netfilter(&sw);
         ip(&["-n", &sw, "link", "set", "lo", "up"])?;
         ip(&[
             "-n",
@@ -129,6 +144,7 @@ impl Lab {
             let ns = netns(&self.name, host);
             ip(&["netns", "add", &ns])?;
             in_ns(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])?;
+            bridge_without_netfilter(&ns);
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             let port = format!("p{i}");
             ip(&[
