@@ -3,7 +3,7 @@
 # native server): system-wide `perf record -e cpu-clock` in the lab for (a) `ftvm run` and (b) the
 # same C server built natively, then the share of samples per thread and code object, and the
 # kernel entry points of the server thread.
-# Usage: scripts/profile-kv.sh [SECONDS]     (root; needs perf from Debian's linux-perf)
+# Usage: scripts/profile-kv.sh [SECONDS]     (root; run scripts/setup.sh first; installs linux-perf)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
@@ -21,7 +21,10 @@ cleanup() {
     rm -rf "$TMP"
 }
 trap cleanup EXIT
-command -v perf >/dev/null || { echo "perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+if ! command -v perf >/dev/null; then
+    echo "[profile] installing Debian's linux-perf" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+fi
 "$F" lab up --name $LAB --subnet $S >/dev/null
 ip -n $LAB-host-a tuntap add dev tap0 mode tap
 ip -n $LAB-host-a link set tap0 master br0 up
