@@ -268,9 +268,14 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
         frames: None,
         log: replayed.clone(),
     };
-    let gate = Gate::replay(Box::new(source), None, Box::new(port), 256);
+    let mut gate = Gate::replay(Box::new(source), None, Box::new(port), 256);
+    let pcap = dir.path().join("replay.pcap");
+    let file = std::fs::File::create(&pcap).unwrap();
+    gate.set_capture(ftvm_vm::pcap::Capture::new(Box::new(file)).unwrap());
     let mut vm = Vm::boot(&image, gate).unwrap();
     assert_eq!(vm.run().unwrap(), VmOutcome::PoweredOff);
+    drop(vm);
+    check_capture(&std::fs::read(&pcap).unwrap(), &recorded.lock().unwrap());
     let a = recorded.lock().unwrap();
     let b = replayed.lock().unwrap();
     let frames = a.iter().filter(|o| matches!(o, Output::Frame(_))).count();
@@ -281,4 +286,50 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
         "replay emitted a different number of outputs"
     );
     assert!(*a == *b, "replay emitted different outputs");
+}
+
+/// The replay's packet capture: a pcap file whose outbound frames (source MAC = the VM's) are the
+/// recorded run's frame outputs in order, with inbound frames between them and virtual
+/// timestamps that never go back.
+fn check_capture(pcap: &[u8], recorded: &[Output]) {
+    assert_eq!(&pcap[..4], &0xa1b2_c3d4u32.to_le_bytes(), "pcap magic");
+    assert_eq!(
+        u32::from_le_bytes(pcap[20..24].try_into().unwrap()),
+        1,
+        "Ethernet"
+    );
+    let vm_mac = image().spec.nic.as_ref().unwrap().mac;
+    let (mut at, mut last_us, mut inbound) = (24, 0u64, 0);
+    let mut outbound = Vec::new();
+    while at < pcap.len() {
+        let word = |o: usize| u32::from_le_bytes(pcap[at + o..at + o + 4].try_into().unwrap());
+        let us = u64::from(word(0)) * 1_000_000 + u64::from(word(4));
+        let (kept, len) = (word(8) as usize, word(12) as usize);
+        assert_eq!(kept, len, "no frame is cut");
+        assert!(us >= last_us, "virtual time never goes back in the capture");
+        last_us = us;
+        let frame = &pcap[at + 16..at + 16 + kept];
+        if &frame[6..12] == vm_mac.as_slice() {
+            outbound.push(frame.to_vec());
+        } else {
+            inbound += 1;
+        }
+        at += 16 + kept;
+    }
+    assert_eq!(at, pcap.len(), "the capture ends on a record boundary");
+    let frames: Vec<Vec<u8>> = recorded
+        .iter()
+        .filter_map(|o| match o {
+            Output::Frame(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        outbound, frames,
+        "the capture shows the recorded run's frames"
+    );
+    assert!(
+        inbound > 20,
+        "the client's frames are in the capture ({inbound})"
+    );
 }
