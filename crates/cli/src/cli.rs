@@ -167,7 +167,8 @@ fn open_capture(p: &Parsed) -> Result<Option<ftvm_vm::pcap::Capture>, Failure> {
         detail: String::new(),
     };
     let file = std::fs::File::create(&path).map_err(io)?;
-    let capture = ftvm_vm::pcap::Capture::new(Box::new(std::io::BufWriter::new(file))).map_err(io)?;
+    let capture =
+        ftvm_vm::pcap::Capture::new(Box::new(std::io::BufWriter::new(file))).map_err(io)?;
     Ok(Some(capture))
 }
 

@@ -366,9 +366,11 @@ impl Tcb {
             return blocks;
         }
         let range = |s: &OooSeg| (s.seq, s.seq.wrapping_add(s.data.len() as u32));
-        let recent = self
-            .sack_recent
-            .and_then(|r| self.ooo.iter().find(|s| seq_le(s.seq, r) && seq_gt(range(s).1, r)));
+        let recent = self.sack_recent.and_then(|r| {
+            self.ooo
+                .iter()
+                .find(|s| seq_le(s.seq, r) && seq_gt(range(s).1, r))
+        });
         if let Some(s) = recent {
             blocks.push(range(s).0, range(s).1);
         }

@@ -247,12 +247,7 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(
-        node: &Node,
-        epoch: u64,
-        link: PrimaryLink,
-        pacing: Arc<Pacing>,
-    ) -> Driver {
+    fn new(node: &Node, epoch: u64, link: PrimaryLink, pacing: Arc<Pacing>) -> Driver {
         let now = now_ms();
         Driver {
             vm_id: node.vm_id.clone(),
@@ -560,7 +555,8 @@ impl Shared {
         let bytes = d.take_outbox_bytes();
         let outputs = std::mem::take(&mut d.to_emit);
         let close = d.channel_closed || d.finished;
-        let mut channel = (bytes.is_some() || close).then(|| self.channel.lock().expect("channel lock"));
+        let mut channel =
+            (bytes.is_some() || close).then(|| self.channel.lock().expect("channel lock"));
         let mut emitter = (!outputs.is_empty()).then(|| self.emitter.lock().expect("emitter lock"));
         drop(d);
         if let Some(channel) = channel.as_mut() {

@@ -250,7 +250,6 @@ impl Drop for Proc {
     }
 }
 
-
 /// Waits until `f` holds (bounded).
 pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -262,4 +261,3 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
-

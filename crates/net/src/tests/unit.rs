@@ -479,7 +479,10 @@ fn acks_carry_sack_blocks_when_the_peer_offered_sack() {
     let mut p = Peer::new(4014, 80);
     p.sack_permitted = true;
     let (sock, syn_ack) = connect(&mut s, l, &mut p, Some(1460), Some(2), 0);
-    assert!(syn_ack.sack_permitted, "SACK-permitted answered in the SYN-ACK");
+    assert!(
+        syn_ack.sack_permitted,
+        "SACK-permitted answered in the SYN-ACK"
+    );
     let b = p.seq;
     // Segments of 10 bytes at b+0, [hole], b+20, b+30, [hole], b+50.
     let seg = |p: &mut Peer, at: u32| p.frame(ACK, b + at, p.ack, 65535, &[at as u8; 10]);
@@ -491,7 +494,11 @@ fn acks_carry_sack_blocks_when_the_peer_offered_sack() {
     assert_eq!(acks.len(), 4);
     assert_eq!(acks[0].sack, vec![], "in-order data needs no SACK");
     assert_eq!(acks[1].sack, vec![(b + 20, b + 30)]);
-    assert_eq!(acks[2].sack, vec![(b + 20, b + 40)], "adjacent ranges coalesce");
+    assert_eq!(
+        acks[2].sack,
+        vec![(b + 20, b + 40)],
+        "adjacent ranges coalesce"
+    );
     assert_eq!(
         acks[3].sack,
         vec![(b + 50, b + 60), (b + 20, b + 40)],
@@ -502,7 +509,10 @@ fn acks_carry_sack_blocks_when_the_peer_offered_sack() {
     let f = seg(&mut p, 10);
     s.receive_frame(&f, 2 * MS);
     let a = drain_segs(&mut s);
-    assert_eq!((a[0].ack, a[0].sack.clone()), (b + 40, vec![(b + 50, b + 60)]));
+    assert_eq!(
+        (a[0].ack, a[0].sack.clone()),
+        (b + 40, vec![(b + 50, b + 60)])
+    );
     // Our own data segments carry the blocks too (the full-duplex case).
     assert_eq!(s.send(sock, b"reply", 2 * MS), Ok(5));
     let d = drain_segs(&mut s);
@@ -515,7 +525,9 @@ fn acks_carry_sack_blocks_when_the_peer_offered_sack() {
     let mut buf = [0u8; 64];
     assert_eq!(s.recv(sock, &mut buf, false), Ok(60));
     for at in 0..6 {
-        assert!(buf[at * 10..at * 10 + 10].iter().all(|&x| x == (at * 10) as u8));
+        assert!(buf[at * 10..at * 10 + 10]
+            .iter()
+            .all(|&x| x == (at * 10) as u8));
     }
 }
 
