@@ -38,6 +38,11 @@ usage:
 VM options:
   --nic tap=NAME,mac=MAC,ip=ADDR/PREFIX[,gw=ADDR][,seed=N][,fault=drop=P;dup=P;reorder=P;delay=MS;seed=N]
                             attach the VM's NIC to a TAP device (root or CAP_NET_ADMIN)
+  --nic user,hostfwd=HOSTPORT:GUESTPORT[,hostfwd=...][,mac=MAC][,ip=ADDR/PREFIX][,gw=ADDR][,seed=N]
+                            user-mode NIC, no root needed (ftvm run only): connections to
+                            127.0.0.1:HOSTPORT reach the guest's GUESTPORT (a --listen port).
+                            Defaults: mac 52:54:00:12:34:56, ip 10.0.2.15/24, host side gw
+                            (default: the subnet's .2, 10.0.2.2). Not for ftvm ft: no failover.
   --listen PORT             preopen a TCP listener on the VM's netstack (repeatable)
   --memory-max-mib N        cap on guest memory (default 256)
   --checkpoint-events N     gate events between checkpoints (default 4096; 0: only at exit)
@@ -202,26 +207,40 @@ fn run(args: &[String]) -> Result<i32, Failure> {
         None => Box::new(NullSink),
     };
     let checkpoint_events = image.spec.limits.checkpoint_events;
-    // The NIC: a TAP device attached off the VM thread; frames enter at the next gate point.
-    let attachment = match p.one("nic") {
-        Some(text) => {
-            let nic = crate::vmdef::parse_nic_option(&text)?;
-            let att =
-                crate::nic::Nic::open(&nic.tap, nic.fault.as_deref()).map_err(|e| Failure {
+    // The NIC: a TAP device, or user-mode networking (usernet.rs), attached off the VM thread;
+    // frames enter at the next gate point either way.
+    let mut tap = None;
+    let mut usernet = None;
+    let (frames_rx, frames_out) = match p.one("nic") {
+        Some(text) => match crate::vmdef::parse_nic_option(&text)? {
+            crate::vmdef::NicOption {
+                attachment: crate::vmdef::NicAttachment::Tap { name, fault },
+                ..
+            } => {
+                let att = crate::nic::Nic::open(&name, fault.as_deref()).map_err(|e| Failure {
                     code: exit_code::IO,
-                    message: format!("cannot attach to TAP device {}: {e}", nic.tap),
+                    message: format!("cannot attach to TAP device {name}: {e}"),
                     detail: String::new(),
                 })?;
-            Some(att)
-        }
-        None => None,
+                let tx = att.transmitter();
+                let rx = att.receiver();
+                tap = Some(att);
+                let out: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| tx.send(frame));
+                (Some(rx), Some(out))
+            }
+            crate::vmdef::NicOption {
+                spec,
+                attachment: crate::vmdef::NicAttachment::User(cfg),
+            } => {
+                let att = crate::usernet::UserNet::start(&spec, &cfg, &image.spec.listeners)?;
+                eprintln!("ftvm: {}", crate::usernet::describe(&spec, &cfg));
+                let io = (Some(att.receiver()), Some(att.transmit_fn()));
+                usernet = Some(att);
+                io
+            }
+        },
+        None => (None, None),
     };
-    let frames_rx = attachment.as_ref().map(|a| a.receiver());
-    let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = attachment.as_ref().map(|a| {
-        let tx = a.transmitter();
-        let f: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| tx.send(frame));
-        f
-    });
     let (control_tx, control_rx) = crossbeam_channel::bounded(4);
     let _power_off = crate::ft::install_power_off_signal(control_tx);
     let mut gate = Gate::record(
@@ -235,7 +254,8 @@ fn run(args: &[String]) -> Result<i32, Failure> {
     }
     let mut vm = Vm::boot(&image, gate)?;
     let outcome = vm.run();
-    drop(attachment);
+    drop(tap);
+    drop(usernet);
     finish(outcome)
 }
 

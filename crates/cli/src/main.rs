@@ -7,6 +7,7 @@ mod lab;
 mod nic;
 mod opts;
 mod tiebreak_spec;
+mod usernet;
 mod vmdef;
 
 fn main() {
