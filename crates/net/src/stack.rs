@@ -92,6 +92,9 @@ pub struct Stats {
     pub rst_sent: u64,
     /// Challenge ACKs sent (RFC 5961).
     pub challenge_acks: u64,
+    /// Deferred ACKs that no reply carried, sent at the end of a turn.
+    #[serde(default)]
+    pub deferred_acks_sent: u64,
     /// TCP segments sent again (any reason).
     pub retransmits: u64,
     /// Fast retransmits (three duplicate ACKs).
@@ -146,6 +149,9 @@ pub struct NetStack {
     next_socket_id: u32,
     outbox: Vec<Vec<u8>>,
     stats: Stats,
+    /// ACKs of in-order data wait for [`NetStack::end_turn`] (set by the VM host).
+    #[serde(default)]
+    defer_acks: bool,
 }
 
 const INVALID_READINESS: Readiness = Readiness {
@@ -182,6 +188,40 @@ impl NetStack {
             next_socket_id: 1,
             outbox: Vec::new(),
             stats: Stats::default(),
+            defer_acks: false,
+        }
+    }
+
+    /// Deferred ACKs, deterministic (the delayed ACK of RFC 1122 4.2.3.2, with the end of the
+    /// VM's turn as its timer): on connections created from now on, the ACK owed for in-order
+    /// data is not sent while the segment is processed but at the next [`NetStack::end_turn`], and
+    /// only if no segment carried it meanwhile. A request answered within the turn then costs one
+    /// frame out (the reply, which carries the ACK) rather than two. Gaps, FINs, window updates
+    /// and every second full-sized segment are still acknowledged at once. The caller must call
+    /// `end_turn` at every point where the guest waits, which the VM host does: those points are
+    /// gate events, so replicas defer and flush identically.
+    pub fn set_defer_acks(&mut self, on: bool) {
+        self.defer_acks = on;
+    }
+
+    /// The guest's turn is over (it is about to wait): sends the ACKs still deferred.
+    pub fn end_turn(&mut self) {
+        let due: Vec<u32> = self
+            .sockets
+            .iter()
+            .filter(|(_, t)| t.has_deferred_ack())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let Some(t) = self.sockets.get_mut(&id) else {
+                continue;
+            };
+            let mut out = Out::default();
+            if t.flush_deferred_ack(&mut out) {
+                self.stats.deferred_acks_sent += 1;
+            }
+            let key = Self::key_of(t);
+            self.flush(key, out);
         }
     }
 
@@ -791,7 +831,8 @@ impl NetStack {
         }
         let iss = self.rng.next_u32();
         let mut out = Out::default();
-        let tcb = Tcb::new_passive(&seg, ip.src, lid, iss, self.our_mss(), now, &mut out);
+        let mut tcb = Tcb::new_passive(&seg, ip.src, lid, iss, self.our_mss(), now, &mut out);
+        tcb.set_defer_acks(self.defer_acks);
         let id = self.alloc_socket_id();
         self.sockets.insert(id, tcb);
         self.conns.insert(key, id);

@@ -188,6 +188,13 @@ pub(crate) struct Tcb {
     /// TIME-WAIT end, or FIN-WAIT-2 give-up time for a closed socket.
     linger_deadline: Option<u64>,
     ack_pending: bool,
+    /// The owed ACK (`ack_pending`) is for in-order data only and may wait for the end of the
+    /// VM's turn ([`Tcb::flush_deferred_ack`]), so that the guest's reply carries it.
+    ack_deferred: bool,
+    /// Deferring ACKs is allowed on this connection (the stack's setting when it was created).
+    defer_acks: bool,
+    /// `rcv_nxt` as carried by the last segment we sent: what the peer knows we have.
+    rcv_acked: u32,
     /// Challenge ACK rate limit: start of the current one-second window and ACKs sent in it.
     challenge_window_ns: u64,
     challenge_count: u32,
@@ -281,6 +288,9 @@ impl Tcb {
             rtx_deadline: Some(now.saturating_add(RTO_INITIAL_NS)),
             linger_deadline: None,
             ack_pending: false,
+            ack_deferred: false,
+            defer_acks: false,
+            rcv_acked: rcv_nxt,
             challenge_window_ns: now,
             challenge_count: 0,
         };
@@ -401,6 +411,45 @@ impl Tcb {
             retransmit,
         });
         self.ack_pending = false;
+        self.ack_deferred = false;
+        self.rcv_acked = self.rcv_nxt;
+    }
+
+    /// An ACK is owed and goes out with the next segment, at the latest at the end of this call.
+    fn owe_ack(&mut self) {
+        self.ack_pending = true;
+        self.ack_deferred = false;
+    }
+
+    /// Whether the ACK for in-order data just accepted may wait for the end of the VM's turn:
+    /// deferring is on, nothing is out of order (a gap must be reported at once, RFC 5681 4.2),
+    /// no ACK owed for another reason is pending, and the peer has less than two full segments
+    /// unacknowledged (RFC 1122 4.2.3.2: ACK at least every second full-sized segment).
+    fn may_defer_ack(&self) -> bool {
+        self.defer_acks
+            && self.ooo.is_empty()
+            && (!self.ack_pending || self.ack_deferred)
+            && self.rcv_nxt.wrapping_sub(self.rcv_acked) < 2 * u32::from(self.our_mss)
+    }
+
+    /// Allows this connection to defer ACKs of in-order data (see [`Tcb::flush_deferred_ack`]).
+    pub fn set_defer_acks(&mut self, on: bool) {
+        self.defer_acks = on;
+    }
+
+    /// The end of the VM's turn: the ACK deferred for in-order data goes out now if no segment
+    /// carried it meanwhile.
+    pub fn flush_deferred_ack(&mut self, out: &mut Out) -> bool {
+        if self.ack_pending && self.ack_deferred {
+            self.send_pure_ack(out);
+            return true;
+        }
+        false
+    }
+
+    /// An ACK is deferred to the end of the turn.
+    pub fn has_deferred_ack(&self) -> bool {
+        self.ack_pending && self.ack_deferred
     }
 
     fn send_pure_ack(&mut self, out: &mut Out) {
@@ -539,7 +588,7 @@ impl Tcb {
         }
         self.challenge_count += 1;
         out.challenge_acks += 1;
-        self.ack_pending = true;
+        self.owe_ack();
         self.output(now, out);
     }
 
@@ -609,7 +658,7 @@ impl Tcb {
                     return;
                 }
             }
-            self.ack_pending = true;
+            self.owe_ack();
             self.output(now, out);
             return;
         }
@@ -682,8 +731,19 @@ impl Tcb {
                         self.abort(out);
                         return;
                     }
+                    let before = self.rcv_nxt;
+                    let filled_gap = !self.ooo.is_empty();
                     self.accept_data(seg.seq, seg.payload, now, out);
-                    self.ack_pending = true;
+                    // Deferrable: this segment was the next in order and moved RCV.NXT, did not
+                    // fill a gap, and carries no FIN (those are acknowledged at once).
+                    let deferrable =
+                        seg.seq == before && self.rcv_nxt != before && !filled_gap && !seg.has(FIN);
+                    if deferrable && self.may_defer_ack() {
+                        self.ack_pending = true;
+                        self.ack_deferred = true;
+                    } else {
+                        self.owe_ack();
+                    }
                 }
                 // The peer already sent FIN: later data is a protocol error, ignore it.
                 _ => {}
@@ -703,7 +763,7 @@ impl Tcb {
                     self.ooo_fin = Some(fin_seq);
                 }
             }
-            self.ack_pending = true;
+            self.owe_ack();
         }
         self.output(now, out);
     }
@@ -713,7 +773,7 @@ impl Tcb {
         let ack = seg.ack;
         if seq_gt(ack, self.snd_max) {
             // Acknowledges something never sent: answer with an ACK and drop.
-            self.ack_pending = true;
+            self.owe_ack();
             return false;
         }
         if seq_lt(ack, self.snd_una) {
@@ -1000,7 +1060,7 @@ impl Tcb {
             TcpState::FinWait2 => self.enter_time_wait(now),
             _ => {}
         }
-        self.ack_pending = true;
+        self.owe_ack();
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1065,7 +1125,7 @@ impl Tcb {
                 self.snd_max = self.snd_nxt;
             }
         }
-        if self.ack_pending {
+        if self.ack_pending && !self.ack_deferred {
             self.send_pure_ack(out);
         }
         self.arm_rtx(now);
@@ -1159,7 +1219,7 @@ impl Tcb {
             TcpState::TimeWait | TcpState::FinWait2 => self.send_pure_ack(out),
             _ => {
                 // An ACK goes out even if nothing is in flight (emit_at clears this flag).
-                self.ack_pending = true;
+                self.owe_ack();
                 let end = self.snd_max;
                 let mut seq = self.snd_una;
                 while seq_lt(seq, end) {
@@ -1247,7 +1307,7 @@ impl Tcb {
         let remaining = self.adv_remaining();
         let threshold = ((RECV_BUF_BYTES / 2) as u32).min(u32::from(self.our_mss));
         if remaining.saturating_mul(2) <= free && free >= remaining.saturating_add(threshold) {
-            self.ack_pending = true;
+            self.owe_ack();
             self.output(now, out);
         }
     }

@@ -213,6 +213,9 @@ impl Vm {
             // a previous incarnation of this VM ran). Sent at the first wait point, on every
             // replica alike, so it is part of the replayed output.
             net.announce();
+            // ACKs of in-order data wait for the end of the guest's turn (its next wait point),
+            // so a reply carries them: one frame out per request instead of two.
+            net.set_defer_acks(true);
             net
         });
         let mut host = Host {

@@ -279,7 +279,8 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
     let a = recorded.lock().unwrap();
     let b = replayed.lock().unwrap();
     let frames = a.iter().filter(|o| matches!(o, Output::Frame(_))).count();
-    assert!(frames > 40, "the session produced frames ({frames})");
+    // At least the SYN-ACK and one reply per request (24 of them); ACKs ride on the replies.
+    assert!(frames > 24, "the session produced frames ({frames})");
     assert_eq!(
         a.len(),
         b.len(),

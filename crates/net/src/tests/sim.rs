@@ -330,6 +330,8 @@ struct SimCfg {
     events: Vec<(usize, Event)>,
     /// The client stops reading for this long once this many bytes were delivered.
     client_read_pause: Option<(usize, u64)>,
+    /// The server defers ACKs to the end of each step (`NetStack::set_defer_acks`).
+    defer_acks: bool,
 }
 
 impl SimCfg {
@@ -345,6 +347,7 @@ impl SimCfg {
             replicas: 1,
             events: vec![],
             client_read_pause: None,
+            defer_acks: false,
         }
     }
 
@@ -407,6 +410,7 @@ fn run(cfg: SimCfg) -> Outcome {
     let mut replicas: Vec<(NetStack, ServerApp)> = Vec::new();
     for _ in 0..cfg.replicas.max(1) {
         let mut st = NetStack::new(super::cfg(), cfg.seed);
+        st.set_defer_acks(cfg.defer_acks);
         let app = ServerApp::new(&mut st);
         replicas.push((st, app));
     }
@@ -461,6 +465,8 @@ fn run(cfg: SimCfg) -> Outcome {
         for (st, app) in &mut replicas {
             st.poll(now);
             app.step(st, &server_data, now);
+            // The end of the server's turn, as at a VM's wait point.
+            st.end_turn();
             outputs.push(st.drain_frames().collect());
         }
         for (i, o) in outputs.iter().enumerate().skip(1) {
@@ -631,6 +637,31 @@ fn bulk_both_ways_lossy_duplicating_reordering_link() {
         "some losses are repaired by fast retransmit: {:?}",
         o.stats
     );
+}
+
+#[test]
+fn bulk_both_ways_with_deferred_acks_on_clean_and_lossy_links() {
+    let clean = run(SimCfg {
+        defer_acks: true,
+        ..SimCfg::new(3, 4 * MIB)
+    });
+    assert_eq!(clean.stats.retransmits, 0, "{:?}", clean.stats);
+    assert!(
+        clean.virtual_ns < 2 * SEC,
+        "4 MiB each way on a clean link with deferred ACKs: {} ns",
+        clean.virtual_ns
+    );
+    let lossy = run(SimCfg {
+        defer_acks: true,
+        ..SimCfg::new(7, 4 * MIB).lossy()
+    });
+    assert!(lossy.stats.fast_retransmits > 0, "{:?}", lossy.stats);
+    for seed in [11, 12, 13] {
+        run(SimCfg {
+            defer_acks: true,
+            ..SimCfg::new(seed, MIB).lossy()
+        });
+    }
 }
 
 #[test]

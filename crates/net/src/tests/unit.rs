@@ -1089,3 +1089,113 @@ fn full_buffers_save_restore_exactly() {
         eprintln!("save + hash of one socket with full buffers: {elapsed:?}");
     }
 }
+
+fn deferring_stack() -> NetStack {
+    let mut s = stack();
+    s.set_defer_acks(true);
+    s
+}
+
+#[test]
+fn deferred_ack_rides_on_the_reply_of_the_same_turn() {
+    let mut s = deferring_stack();
+    let l = s.listen(7, 4).unwrap();
+    let mut p = Peer::new(5001, 7);
+    let (sock, _) = connect(&mut s, l, &mut p, Some(1460), None, 0);
+    let f = p.data(b"PING", 65535);
+    s.receive_frame(&f, MS);
+    assert!(
+        drain_segs(&mut s).is_empty(),
+        "the ACK of in-order data waits for the end of the turn"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(s.recv(sock, &mut buf, false), Ok(4));
+    assert_eq!(s.send(sock, b"PONG", MS), Ok(4));
+    let out = drain_segs(&mut s);
+    assert_eq!(
+        out.len(),
+        1,
+        "one frame: the reply, carrying the ACK: {out:?}"
+    );
+    assert_eq!(
+        (out[0].ack, out[0].payload.as_slice()),
+        (p.seq, &b"PONG"[..])
+    );
+    s.end_turn();
+    assert!(drain_segs(&mut s).is_empty(), "nothing left owed");
+    assert_eq!(s.stats().deferred_acks_sent, 0);
+
+    // No reply this turn: the ACK goes out when the turn ends.
+    let f = p.data(b"quiet", 65535);
+    s.receive_frame(&f, 2 * MS);
+    assert!(drain_segs(&mut s).is_empty());
+    s.end_turn();
+    let out = drain_segs(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!((out[0].flags, out[0].ack), (ACK, p.seq));
+    assert_eq!(s.stats().deferred_acks_sent, 1);
+}
+
+#[test]
+fn deferred_acks_still_ack_every_second_full_segment_gaps_and_fins_at_once() {
+    let mut s = deferring_stack();
+    let l = s.listen(7, 4).unwrap();
+    let mut p = Peer::new(5002, 7);
+    let (_sock, _) = connect(&mut s, l, &mut p, Some(1460), None, 0);
+    let full = vec![7u8; 1460];
+    // The first full segment waits; the second makes two unacknowledged: ACK at once.
+    let f = p.data(&full, 65535);
+    s.receive_frame(&f, MS);
+    assert!(drain_segs(&mut s).is_empty());
+    let f = p.data(&full, 65535);
+    s.receive_frame(&f, MS);
+    let out = drain_segs(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].ack, p.seq, "one ACK covers both segments");
+
+    // A gap: the out-of-order segment draws a duplicate ACK at once, and so does the segment
+    // that fills it.
+    let base = p.seq;
+    let later = p.frame(ACK, base + 3, p.ack, 65535, b"def");
+    s.receive_frame(&later, 2 * MS);
+    let out = drain_segs(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].ack, base, "duplicate ACK for the gap");
+    let fill = p.frame(ACK, base, p.ack, 65535, b"abc");
+    s.receive_frame(&fill, 2 * MS);
+    let out = drain_segs(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        out[0].ack,
+        base + 6,
+        "the filled gap is acknowledged at once"
+    );
+    p.seq = base + 6;
+
+    // Data with FIN is acknowledged at once.
+    let f = p.frame(ACK | FIN, p.seq, p.ack, 65535, b"bye");
+    s.receive_frame(&f, 3 * MS);
+    let out = drain_segs(&mut s);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(out[0].ack, p.seq + 4, "data and FIN acknowledged");
+    s.end_turn();
+    assert!(drain_segs(&mut s).is_empty());
+    assert_eq!(s.stats().deferred_acks_sent, 0);
+}
+
+#[test]
+fn without_deferral_every_data_segment_is_acknowledged_at_once() {
+    let mut s = stack();
+    let l = s.listen(7, 4).unwrap();
+    let mut p = Peer::new(5003, 7);
+    let (_sock, _) = connect(&mut s, l, &mut p, Some(1460), None, 0);
+    for i in 0..3u64 {
+        let f = p.data(b"x", 65535);
+        s.receive_frame(&f, (i + 1) * MS);
+        let out = drain_segs(&mut s);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].ack, p.seq);
+    }
+    s.end_turn();
+    assert!(drain_segs(&mut s).is_empty());
+}

@@ -173,6 +173,11 @@ pub(crate) fn wait_and_deliver(c: &mut Caller<'_, Host>, deadline: Option<u64>) 
         std::thread::sleep(pause);
     }
     let host = c.data_mut();
+    // The guest's turn ends here: ACKs its replies did not carry go out before it waits.
+    if let Some(net) = host.net.as_mut() {
+        net.end_turn();
+    }
+    super::flush_net(host)?;
     let net_deadline = host.net.as_ref().and_then(|n| n.next_deadline_ns());
     let deadline = match (deadline, net_deadline) {
         (Some(a), Some(b)) => Some(a.min(b)),
