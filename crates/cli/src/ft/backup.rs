@@ -60,6 +60,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         status: StatusWriter::new(node.status_file.clone()),
         received_seq: 0,
         bytes_received: 0,
+        frames_received: 0,
+        writes: 0,
         last_replayed: 0,
     };
     let driver = Arc::new(Mutex::new(driver));
@@ -197,6 +199,8 @@ struct Driver {
     status: StatusWriter,
     received_seq: u64,
     bytes_received: u64,
+    frames_received: u64,
+    writes: u64,
     last_replayed: u64,
 }
 
@@ -279,6 +283,7 @@ impl Driver {
                 return; // the log ended: nothing after that point is applied
             }
             self.bytes_received += link::approx_size(&frame.message);
+            self.frames_received += 1;
             match self.link.on_message(frame, now) {
                 Ok(actions) => self.apply(actions),
                 Err(e) => {
@@ -328,6 +333,7 @@ impl Driver {
         link::coalesce_acks(&mut self.outbox);
         let frames = std::mem::take(&mut self.outbox);
         if let Some(stream) = self.stream.as_ref() {
+            self.writes += 1;
             if link::write_frames(stream, &frames).is_err() {
                 self.stream = None;
             }
@@ -391,6 +397,8 @@ impl Driver {
             outputs_held: 0,
             outputs_held_bytes: 0,
             slowdown_permille: 0,
+            log_frames: self.frames_received,
+            log_writes: self.writes,
         });
     }
 }
@@ -463,6 +471,8 @@ impl ReplayEnd for Takeover {
                 outputs_held: 0,
                 outputs_held_bytes: 0,
                 slowdown_permille: 0,
+                log_frames: 0,
+                log_writes: 0,
             });
         });
         let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = transmit.map(|t| {

@@ -231,6 +231,8 @@ struct Driver {
     status: StatusWriter,
     bytes_sent: Arc<AtomicU64>,
     frames_sent: u64,
+    /// Writes to the log channel (one per turn that had frames).
+    writes: u64,
     corrupt_frame: Option<u64>,
     last_loop_ms: u64,
     last_tick_ms: u64,
@@ -265,6 +267,7 @@ impl Driver {
             status: StatusWriter::new(node.status_file.clone()),
             bytes_sent: Arc::new(AtomicU64::new(0)),
             frames_sent: 0,
+            writes: 0,
             corrupt_frame: node.corrupt_frame,
             last_loop_ms: now,
             last_tick_ms: now,
@@ -421,6 +424,7 @@ impl Driver {
         }
         self.bytes_sent
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.writes += 1;
         Some(bytes)
     }
 
@@ -503,6 +507,8 @@ impl Driver {
             outputs_held: self.rule.held_count() as u64,
             outputs_held_bytes: self.rule.held_bytes() as u64,
             slowdown_permille: self.pacing.slowdown_permille.load(Ordering::Relaxed),
+            log_frames: self.frames_sent,
+            log_writes: self.writes,
         });
     }
 }

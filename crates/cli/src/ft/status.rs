@@ -24,6 +24,12 @@ pub struct Status {
     pub outputs_held: u64,
     pub outputs_held_bytes: u64,
     pub slowdown_permille: u64,
+    /// Primary: `Records` and other frames written to the log channel; backup: frames received.
+    #[serde(default)]
+    pub log_frames: u64,
+    /// Writes to the log channel (each a syscall carrying one or more frames).
+    #[serde(default)]
+    pub log_writes: u64,
 }
 
 pub struct StatusWriter {
