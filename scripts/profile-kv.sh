@@ -32,7 +32,10 @@ inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
 wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
 
 profile() { # profile NAME ADDR PORT SERVER_COMM
-    inns client redis-benchmark -h "$2" -p "$3" -t set -n 5000000 -c 50 -q >"$TMP/$1.bench" 2>&1 & local b=$!
+    # `ip netns exec` directly (not the shell function), so $! is redis-benchmark itself and the
+    # kill below (and cleanup's) ends it; bounded by -n and by `timeout` all the same.
+    ip netns exec "$LAB-client" timeout $((SECS + 30)) redis-benchmark -h "$2" -p "$3" -t set -n 5000000 -c 50 -q >"$TMP/$1.bench" 2>&1 & local b=$!
+    PIDS+=($b)
     sleep 1
     perf record -a -g -e cpu-clock -F 1999 -o "$TMP/$1.data" -- sleep "$SECS" >/dev/null 2>&1
     kill $b 2>/dev/null || true; wait $b 2>/dev/null || true
