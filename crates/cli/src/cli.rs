@@ -223,7 +223,7 @@ fn run(args: &[String]) -> Result<i32, Failure> {
                     detail: String::new(),
                 })?;
                 let tx = att.transmitter();
-                let rx = att.receiver();
+                let rx = att.frame_source();
                 tap = Some(att);
                 let out: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| tx.send(frame));
                 (Some(rx), Some(out))
@@ -234,7 +234,10 @@ fn run(args: &[String]) -> Result<i32, Failure> {
             } => {
                 let att = crate::usernet::UserNet::start(&spec, &cfg, &image.spec.listeners)?;
                 eprintln!("ftvm: {}", crate::usernet::describe(&spec, &cfg));
-                let io = (Some(att.receiver()), Some(att.transmit_fn()));
+                let io = (
+                    Some(ftvm_vm::gate::ChannelFrames::boxed(att.receiver())),
+                    Some(att.transmit_fn()),
+                );
                 usernet = Some(att);
                 io
             }

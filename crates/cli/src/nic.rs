@@ -1,6 +1,8 @@
-//! The VM's NIC on the host: a TAP device read by its own thread into a bounded queue (the VM
-//! takes frames at its next gate point), written directly, with an optional seeded fault injector
-//! on the inbound path for tests (`tc netem` is not available on our machines).
+//! The VM's NIC on the host: a TAP device. The VM thread reads it itself at its wait points
+//! (`TapFrames`, a `FrameSource` of the gate: no thread and no hand-off between the frame's
+//! arrival and the VM), and writes it directly. With seeded faults for tests (`tc netem` is not
+//! available on our machines) a reader thread reads it instead, applies the faults (which may
+//! sleep) and queues the frames for the VM.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use ftvm_log::ControlOp;
+use ftvm_vm::gate::{ChannelFrames, FrameSource};
 
 /// Inbound frames queued between the TAP reader and the VM; more are dropped, like a full NIC ring.
 pub const NIC_QUEUE_FRAMES_MAX: usize = 4096;
@@ -15,6 +19,11 @@ pub const NIC_QUEUE_FRAMES_MAX: usize = 4096;
 pub const NIC_FRAME_BYTES_MAX: usize = 1518;
 /// How often the reader looks at its stop flag while the device is idle.
 const READER_POLL_MS: i32 = 100;
+/// Longest a VM thread waiting on the device goes without looking at its control channel (the
+/// power-off signal watcher itself looks every 20 ms).
+const CONTROL_POLL_MS: u64 = 20;
+/// Read buffer: larger than any frame, so an oversized one is seen whole and dropped.
+const READ_BUF_BYTES: usize = 65536;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -38,10 +47,12 @@ pub struct NicStats {
     pub dropped_oversized: AtomicU64,
 }
 
-/// A TAP attachment: frames in (bounded channel, filled off the VM thread), frames out.
+/// A TAP attachment: frames in (read by the VM thread, or by a reader thread when faults are
+/// injected), frames out.
 pub struct Nic {
     fd: Arc<OwnedFd>,
-    rx: Receiver<Vec<u8>>,
+    /// Frames from the reader thread (fault injection only).
+    rx: Option<Receiver<Vec<u8>>>,
     enabled: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     pub stats: Arc<NicStats>,
@@ -98,10 +109,21 @@ impl Nic {
         let fd = Arc::new(open_tap(tap).map_err(|e| {
             format!("{e} (needs root or CAP_NET_ADMIN, and the device in this network namespace)")
         })?);
-        let (tx, rx) = bounded(NIC_QUEUE_FRAMES_MAX);
         let enabled = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(NicStats::default());
+        let Some(faults) = faults else {
+            return Ok(Nic {
+                fd,
+                rx: None,
+                enabled,
+                stop,
+                stats,
+                reader: None,
+            });
+        };
+        let faults = Some(faults);
+        let (tx, rx) = bounded(NIC_QUEUE_FRAMES_MAX);
         let reader = {
             let (fd, enabled, stop, stats) =
                 (fd.clone(), enabled.clone(), stop.clone(), stats.clone());
@@ -112,7 +134,7 @@ impl Nic {
         };
         Ok(Nic {
             fd,
-            rx,
+            rx: Some(rx),
             enabled,
             stop,
             stats,
@@ -120,8 +142,16 @@ impl Nic {
         })
     }
 
-    pub fn receiver(&self) -> Receiver<Vec<u8>> {
-        self.rx.clone()
+    /// The inbound frames, for the VM's `World`.
+    pub fn frame_source(&self) -> Box<dyn FrameSource> {
+        match &self.rx {
+            Some(rx) => ChannelFrames::boxed(rx.clone()),
+            None => Box::new(TapFrames {
+                fd: self.fd.clone(),
+                stats: self.stats.clone(),
+                buf: vec![0u8; READ_BUF_BYTES],
+            }),
+        }
     }
 
     pub fn transmitter(&self) -> NicTx {
@@ -131,11 +161,21 @@ impl Nic {
         }
     }
 
-    /// A backup attaches deaf: inbound frames are discarded until go-live.
+    /// A backup attaches deaf: inbound frames are discarded until go-live (without a reader
+    /// thread, nobody reads the device meanwhile and the kernel drops what does not fit its
+    /// queue).
     pub fn set_enabled(&self, enabled: bool) {
         if enabled {
             // Whatever queued while deaf is stale.
-            while self.rx.try_recv().is_ok() {}
+            match &self.rx {
+                Some(rx) => while rx.try_recv().is_ok() {},
+                None => {
+                    let mut buf = vec![0u8; READ_BUF_BYTES];
+                    while read_frame(&self.fd, &mut buf).is_some() {
+                        self.stats.dropped_disabled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
         }
         self.enabled.store(enabled, Ordering::SeqCst);
     }
@@ -181,6 +221,69 @@ impl NicTx {
                 _ => return,
             }
         }
+    }
+}
+
+/// Reads one frame without blocking: its length, or `None` when the device has nothing (or
+/// failed: the VM then sees no more frames, as with an unplugged cable).
+fn read_frame(fd: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        // SAFETY: reads into our own buffer of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n > 0 {
+            return Some(n as usize);
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+/// The TAP device as the VM thread's frame source: read at wait points, no thread in between.
+struct TapFrames {
+    fd: Arc<OwnedFd>,
+    stats: Arc<NicStats>,
+    buf: Vec<u8>,
+}
+
+impl FrameSource for TapFrames {
+    fn take_ready(&mut self, into: &mut Vec<Vec<u8>>, max: usize) {
+        while into.len() < max {
+            let Some(n) = read_frame(&self.fd, &mut self.buf) else {
+                return;
+            };
+            if n > NIC_FRAME_BYTES_MAX {
+                self.stats.dropped_oversized.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+            into.push(self.buf[..n].to_vec());
+        }
+    }
+
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        control: Option<&Receiver<ControlOp>>,
+    ) -> Option<ControlOp> {
+        if let Some(op) = control.and_then(|c| c.try_recv().ok()) {
+            return Some(op);
+        }
+        let step = timeout.min(Duration::from_millis(CONTROL_POLL_MS));
+        let ts = libc::timespec {
+            tv_sec: step.as_secs() as libc::time_t,
+            tv_nsec: step.subsec_nanos() as libc::c_long,
+        };
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and a valid timespec for the duration of the call; no signal
+        // mask is passed.
+        unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
+        control.and_then(|c| c.try_recv().ok())
     }
 }
 

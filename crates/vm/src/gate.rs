@@ -99,18 +99,92 @@ pub struct Wake {
     pub control: Option<ControlOp>,
 }
 
-/// The real world, as seen by a recording gate: clocks, the OS random source, and channels on
-/// which the I/O edge delivers frames and control operations.
+/// The inbound side of the VM's NIC as a recording gate sees it: the I/O edge (a TAP device, user
+/// mode networking) implements it. Only `World::wait` calls it, so frames enter only at wait
+/// points and are recorded there.
+pub trait FrameSource: Send {
+    /// Moves frames that have arrived into `into`, without blocking, until it holds `max`.
+    fn take_ready(&mut self, into: &mut Vec<Vec<u8>>, max: usize);
+    /// Blocks until a frame may have arrived, `control` has an operation (returned), or about
+    /// `timeout` has passed. May return early.
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        control: Option<&Receiver<ControlOp>>,
+    ) -> Option<ControlOp>;
+}
+
+/// Frames queued by another thread.
+pub struct ChannelFrames {
+    rx: Receiver<Vec<u8>>,
+    /// A frame `wait` received, handed out by the next `take_ready`.
+    early: Option<Vec<u8>>,
+}
+
+impl ChannelFrames {
+    pub fn boxed(rx: Receiver<Vec<u8>>) -> Box<dyn FrameSource> {
+        Box::new(ChannelFrames { rx, early: None })
+    }
+}
+
+impl FrameSource for ChannelFrames {
+    fn take_ready(&mut self, into: &mut Vec<Vec<u8>>, max: usize) {
+        if into.len() < max {
+            if let Some(f) = self.early.take() {
+                into.push(f);
+            }
+        }
+        while into.len() < max {
+            match self.rx.try_recv() {
+                Ok(frame) => into.push(frame),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn wait(
+        &mut self,
+        timeout: Duration,
+        control: Option<&Receiver<ControlOp>>,
+    ) -> Option<ControlOp> {
+        if self.early.is_some() {
+            return None;
+        }
+        match control {
+            Some(control) => crossbeam_channel::select! {
+                recv(self.rx) -> f => match f {
+                    Ok(f) => self.early = Some(f),
+                    // The edge is gone; only the control channel and the clock remain.
+                    Err(_) => return control.recv_timeout(timeout).ok(),
+                },
+                recv(control) -> c => return c.ok(),
+                default(timeout) => {}
+            },
+            None => match self.rx.recv_timeout(timeout) {
+                Ok(f) => self.early = Some(f),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(timeout),
+            },
+        }
+        None
+    }
+}
+
+/// The real world, as seen by a recording gate: clocks, the OS random source, the NIC's inbound
+/// frames and the channel on which operator control operations arrive.
 pub struct World {
     /// Added to the host's monotonic clock so that virtual time never goes backwards when a VM
     /// moves to another host (go-live, migration).
     mono_offset_ns: i128,
-    frames: Option<Receiver<Vec<u8>>>,
+    frames: Option<Box<dyn FrameSource>>,
     control: Option<Receiver<ControlOp>>,
 }
 
 impl World {
-    pub fn new(frames: Option<Receiver<Vec<u8>>>, control: Option<Receiver<ControlOp>>) -> World {
+    pub fn new(
+        frames: Option<Box<dyn FrameSource>>,
+        control: Option<Receiver<ControlOp>>,
+    ) -> World {
         World {
             mono_offset_ns: 0,
             frames,
@@ -167,13 +241,8 @@ impl World {
                     wake.control = Some(op);
                 }
             }
-            if let Some(frames) = &self.frames {
-                while wake.frames.len() < INPUT_FRAMES_MAX {
-                    match frames.try_recv() {
-                        Ok(frame) => wake.frames.push(frame),
-                        Err(_) => break,
-                    }
-                }
+            if let Some(frames) = self.frames.as_mut() {
+                frames.take_ready(&mut wake.frames, INPUT_FRAMES_MAX);
             }
             let now = self.mono_ns();
             if wake.control.is_some()
@@ -189,19 +258,12 @@ impl World {
                 .map(|d| Duration::from_nanos(d - now))
                 .unwrap_or(Duration::from_millis(100));
             let step = step.min(Duration::from_millis(100));
-            match (&self.frames, &self.control) {
-                (Some(frames), Some(control)) => {
-                    crossbeam_channel::select! {
-                        recv(frames) -> f => if let Ok(f) = f { wake.frames.push(f) },
-                        recv(control) -> c => if let Ok(c) = c { wake.control = Some(c) },
-                        default(step) => {}
+            match (self.frames.as_mut(), &self.control) {
+                (Some(frames), control) => {
+                    if let Some(op) = frames.wait(step, control.as_ref()) {
+                        wake.control = Some(op);
                     }
                 }
-                (Some(frames), None) => match frames.recv_timeout(step) {
-                    Ok(f) => wake.frames.push(f),
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(step),
-                },
                 (None, Some(control)) => match control.recv_timeout(step) {
                     Ok(c) => wake.control = Some(c),
                     Err(RecvTimeoutError::Timeout) => {}

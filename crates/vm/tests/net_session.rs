@@ -225,7 +225,10 @@ fn kv_guest_serves_resp_over_the_vm_netstack_and_the_session_replays_exactly() {
     let vm_thread = std::thread::spawn(move || {
         let gate = Gate::record(
             Box::new(sink),
-            World::new(Some(frames_in), Some(control_rx)),
+            World::new(
+                Some(ftvm_vm::gate::ChannelFrames::boxed(frames_in)),
+                Some(control_rx),
+            ),
             Box::new(port),
             256,
         );

@@ -443,7 +443,7 @@ impl ReplayEnd for Takeover {
         let (frames, transmit) = match &attachment {
             Some(a) => {
                 a.set_enabled(true);
-                (Some(a.receiver()), Some(a.transmitter()))
+                (Some(a.frame_source()), Some(a.transmitter()))
             }
             None => (None, None),
         };

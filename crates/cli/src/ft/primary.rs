@@ -65,7 +65,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let pacing = Arc::new(Pacing::default());
     let power_off = super::install_power_off_signal(control_tx);
 
-    let frames_rx = attachment.as_ref().map(|a| a.receiver());
+    let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
     let shared = Arc::new(Shared {
         driver: Mutex::new(Driver::new(&node, epoch, link, pacing.clone())),
