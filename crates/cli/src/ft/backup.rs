@@ -54,6 +54,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         stream: Some(stream),
         outbox: Vec::new(),
         replay_tx: Some(replay_tx),
+        log_ended: false,
         replayed: replayed.clone(),
         live: live.clone(),
         clean_end: clean_end.clone(),
@@ -191,8 +192,12 @@ struct Driver {
     stream: Option<TcpStream>,
     /// Frames to send at the end of this turn of the loop, with one write.
     outbox: Vec<Frame>,
-    /// Dropped when the log has ended: the replaying VM then drains and goes live.
+    /// Dropped when the log has ended and every record received was handed over: the replaying
+    /// VM then drains the queue and goes live.
     replay_tx: Option<Sender<(u64, Entry)>>,
+    /// No more log will come (failure, goodbye, a bad frame): nothing read from now on is
+    /// applied, and `replay_tx` is dropped once the link's queue is empty.
+    log_ended: bool,
     replayed: Arc<AtomicU64>,
     live: Arc<AtomicBool>,
     clean_end: Arc<AtomicBool>,
@@ -231,13 +236,17 @@ impl Driver {
         let mut d = shared.lock().expect("driver lock");
         let now = now_ms();
         d.on_peer(event, now);
+        // The ack is on the Output Rule's round trip: it leaves before the records are handed to
+        // the replaying VM thread, whose wake-up may take this CPU.
+        d.send_outbox();
+        d.forward_records();
         d.progress(now);
         d.send_outbox();
         // Flow control: read no more until the replay queue has room; meanwhile the primary's
         // unacked buffer fills and it stalls.
         loop {
-            if d.replay_tx.is_none() || d.live.load(Ordering::SeqCst) {
-                return d.replay_tx.is_some();
+            if d.log_ended || d.live.load(Ordering::SeqCst) {
+                return false;
             }
             if d.replay_room() {
                 return true;
@@ -279,8 +288,8 @@ impl Driver {
 
     fn on_frames(&mut self, frames: Vec<Frame>, now: u64) {
         for frame in frames {
-            if self.replay_tx.is_none() {
-                return; // the log ended: nothing after that point is applied
+            if self.log_ended {
+                return; // nothing after the end of the log is applied
             }
             self.bytes_received += link::approx_size(&frame.message);
             self.frames_received += 1;
@@ -292,7 +301,11 @@ impl Driver {
                     self.end_of_log();
                 }
             }
-            self.forward_records();
+            // Records wait in the link until the whole read is acked (`deliver`), unless its
+            // queue is filling up.
+            if !self.link.wants_records() {
+                self.forward_records();
+            }
         }
     }
 
@@ -340,10 +353,15 @@ impl Driver {
         }
     }
 
-    /// Moves received records to the replaying VM, checking each entry's own checksum.
+    /// Moves received records to the replaying VM, checking each entry's own checksum. After the
+    /// end of the log, closes the queue once everything received was handed over: every record
+    /// the backup acknowledged is replayed before it goes live (the Output Rule's promise).
     fn forward_records(&mut self) {
         while self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) {
             let Some(record) = self.link.pop_record() else {
+                if self.log_ended {
+                    self.replay_tx = None;
+                }
                 return;
             };
             match ftvm_log::decode_framed(&record.bytes, record.seq) {
@@ -358,7 +376,7 @@ impl Driver {
                         "ftvm: log record {} carries entry {s}; not applied, dropping the channel",
                         record.seq
                     );
-                    self.end_of_log();
+                    self.log_corrupt();
                     return;
                 }
                 Err(e) => {
@@ -366,20 +384,29 @@ impl Driver {
                         "ftvm: log record {} is corrupt ({e}); not applied, dropping the channel",
                         record.seq
                     );
-                    self.end_of_log();
+                    self.log_corrupt();
                     return;
                 }
             }
         }
     }
 
-    /// No more log will come: let the VM drain what it has (then it goes live or ends).
+    /// No more log will come: the VM replays everything received (then it goes live or ends).
+    /// What the replay queue has no room for yet follows as the VM makes room (the driver thread
+    /// forwards every tick).
     fn end_of_log(&mut self) {
         self.send_outbox();
-        self.replay_tx = None;
+        self.log_ended = true;
         if let Some(s) = self.stream.take() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        self.forward_records();
+    }
+
+    /// A received record is corrupt: nothing from it on is applied.
+    fn log_corrupt(&mut self) {
+        while self.link.pop_record().is_some() {}
+        self.end_of_log();
     }
 
     fn publish(&mut self, now: u64) {
@@ -388,7 +415,7 @@ impl Driver {
             role: "backup".into(),
             vm: self.vm_id.clone(),
             epoch: self.epoch,
-            peer: self.replay_tx.as_ref().map(|_| "primary".into()),
+            peer: (!self.log_ended).then(|| "primary".into()),
             last_seq: self.received_seq,
             acked_seq: self.received_seq,
             lag_entries: self.received_seq.saturating_sub(replayed),
