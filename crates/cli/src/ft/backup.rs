@@ -426,6 +426,7 @@ impl Driver {
             slowdown_permille: 0,
             log_frames: self.frames_received,
             log_writes: self.writes,
+            ack_rtt_us: 0,
         });
     }
 }
@@ -500,6 +501,7 @@ impl ReplayEnd for Takeover {
                 slowdown_permille: 0,
                 log_frames: 0,
                 log_writes: 0,
+                ack_rtt_us: 0,
             });
         });
         let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = transmit.map(|t| {

@@ -244,9 +244,19 @@ struct Driver {
     /// turn, so a backup that leaves right after acking the guest's last entry is not a failure.
     peer_closed: Option<String>,
     vm_done: bool,
+    /// The VM thread waits on `Shared::wake` (the link is stalled or the Output Rule is full).
+    vm_waiting: bool,
     last_record_seq: u64,
     lag_ms: u64,
+    /// Records sent and not yet acked: (last seq of a write, when it was handed to the socket),
+    /// for the ack round trip. At most [`RTT_SAMPLES_MAX`]; older ones are not timed.
+    rtt_pending: std::collections::VecDeque<(u64, Instant)>,
+    /// Smoothed time from writing records to their ack (µs): the Output Rule's added latency.
+    ack_rtt_us: u64,
 }
+
+/// Writes in flight timed for the ack round trip.
+const RTT_SAMPLES_MAX: usize = 64;
 
 impl Driver {
     fn new(node: &Node, epoch: u64, link: PrimaryLink, pacing: Arc<Pacing>) -> Driver {
@@ -275,8 +285,11 @@ impl Driver {
             finished: false,
             peer_closed: None,
             vm_done: false,
+            vm_waiting: false,
             last_record_seq: 0,
             lag_ms: 0,
+            rtt_pending: std::collections::VecDeque::new(),
+            ack_rtt_us: 0,
         }
     }
 
@@ -361,7 +374,10 @@ impl Driver {
         for action in actions {
             match action {
                 Action::Send(frame) => self.send(frame),
-                Action::Release { acked_seq } => self.release(acked_seq),
+                Action::Release { acked_seq } => {
+                    self.time_ack(acked_seq);
+                    self.release(acked_seq);
+                }
                 Action::PeerFailed { silent_ms } => {
                     if !self.alone {
                         eprintln!("ftvm: no word from the backup for {silent_ms} ms");
@@ -425,7 +441,34 @@ impl Driver {
         self.bytes_sent
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.writes += 1;
+        let sent = self.link.sent_seq();
+        if self.rtt_pending.back().is_none_or(|&(s, _)| s < sent)
+            && self.rtt_pending.len() < RTT_SAMPLES_MAX
+        {
+            self.rtt_pending.push_back((sent, Instant::now()));
+        }
         Some(bytes)
+    }
+
+    /// The ack round trip of the newest write this ack covers (host time, for status only).
+    fn time_ack(&mut self, acked: u64) {
+        let mut newest = None;
+        while let Some(&(seq, at)) = self.rtt_pending.front() {
+            if seq > acked {
+                break;
+            }
+            newest = Some(at);
+            self.rtt_pending.pop_front();
+        }
+        if let Some(at) = newest {
+            let us = at.elapsed().as_micros() as u64;
+            // EWMA with gain 1/8, as TCP's SRTT.
+            self.ack_rtt_us = if self.ack_rtt_us == 0 {
+                us
+            } else {
+                (7 * self.ack_rtt_us + us) / 8
+            };
+        }
     }
 
     fn release(&mut self, acked: u64) {
@@ -509,6 +552,7 @@ impl Driver {
             slowdown_permille: self.pacing.slowdown_permille.load(Ordering::Relaxed),
             log_frames: self.frames_sent,
             log_writes: self.writes,
+            ack_rtt_us: self.ack_rtt_us,
         });
     }
 }
@@ -595,11 +639,13 @@ impl Shared {
             if d.vm_done {
                 return Err(VmError::Halted("the replication driver stopped".into()));
             }
+            d.vm_waiting = true;
             d = self
                 .wake
                 .wait_timeout(d, Duration::from_millis(TICK_MS))
                 .expect("driver lock")
                 .0;
+            d.vm_waiting = false;
         }
         let now = now_ms();
         let result = d.turn_start(now).and_then(|_| d.on_vm(item, now));
@@ -643,8 +689,14 @@ impl Shared {
                 false
             }
         };
+        // Wake only a thread that waits for this: a stalled VM thread, or the driver thread
+        // finishing (final acks) or handling a failure. Waking the driver on every ack costs a
+        // context switch per ack and does nothing.
+        let wake = d.vm_waiting || d.vm_done || !go_on;
         self.end_turn(d);
-        self.wake.notify_all();
+        if wake {
+            self.wake.notify_all();
+        }
         go_on
     }
 

@@ -30,6 +30,10 @@ pub struct Status {
     /// Writes to the log channel (each a syscall carrying one or more frames).
     #[serde(default)]
     pub log_writes: u64,
+    /// Primary: smoothed time from writing records to the backup's ack (µs), the latency the
+    /// Output Rule adds to an output.
+    #[serde(default)]
+    pub ack_rtt_us: u64,
 }
 
 pub struct StatusWriter {
@@ -101,5 +105,13 @@ pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
         g("outputs_held_bytes")
     );
     println!("slowdown      {} per mille", g("slowdown_permille"));
+    println!(
+        "log frames    {} in {} writes",
+        g("log_frames").as_u64().unwrap_or(0),
+        g("log_writes").as_u64().unwrap_or(0)
+    );
+    if let Some(us) = g("ack_rtt_us").as_u64().filter(|&us| us > 0) {
+        println!("ack rtt       {us} us (records written to acked: the Output Rule's delay)");
+    }
     Ok(0)
 }
