@@ -282,7 +282,12 @@ impl FrameSource for TapFrames {
         };
         // SAFETY: one valid pollfd and a valid timespec for the duration of the call; no signal
         // mask is passed.
-        unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
+        let n = unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
+        if n > 0 && p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            // The device is gone (its namespace was torn down, say): an unplugged cable. Wait
+            // out the step rather than spin on the error.
+            std::thread::sleep(step);
+        }
         control.and_then(|c| c.try_recv().ok())
     }
 }
