@@ -22,6 +22,7 @@
 //! heartbeat_ms = 50
 //! failure_timeout_ms = 1000
 //! lag_target_ms = 100
+//! replay_nice = 10                   # the backup's replay thread's nice value (0: unchanged)
 //! ```
 
 use std::collections::BTreeMap;
@@ -89,6 +90,9 @@ pub struct FtDef {
     pub heartbeat_ms: u64,
     pub failure_timeout_ms: u64,
     pub lag_target_ms: u64,
+    /// The nice value the backup's replay (VM) thread runs at until it goes live; 0 leaves it
+    /// alone. See `ft::DEFAULT_REPLAY_NICE`.
+    pub replay_nice: i32,
 }
 
 impl Default for FtDef {
@@ -97,6 +101,7 @@ impl Default for FtDef {
             heartbeat_ms: 50,
             failure_timeout_ms: 1000,
             lag_target_ms: 100,
+            replay_nice: crate::ft::DEFAULT_REPLAY_NICE,
         }
     }
 }

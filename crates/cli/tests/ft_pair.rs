@@ -120,11 +120,24 @@ fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // The replay runs at a low priority (DEFAULT_REPLAY_NICE)...
+        wait_until(Duration::from_secs(20), || {
+            vm_thread_nice(backup.pid()) == Some(10)
+        });
+    }
     wait_until(Duration::from_secs(20), || {
         iterations(&primary.stdout()).len() >= 8
     });
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
+    if root {
+        // ...and the new primary at normal priority.
+        wait_until(Duration::from_secs(20), || backup.stderr().contains("LIVE"));
+        assert_eq!(vm_thread_nice(backup.pid()), Some(0), "{}", backup.stderr());
+    }
     assert_eq!(
         backup.wait(Duration::from_secs(30)),
         0,
@@ -508,4 +521,12 @@ fn a_lagging_backup_slows_the_primary_down() {
         max_slowdown > 0,
         "the primary was slowed down (lag {max_lag} ms, slowdown {max_slowdown}‰)"
     );
+}
+
+/// The nice value of a replica's VM thread (its main thread), from /proc.
+fn vm_thread_nice(pid: i32) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
+    // Fields after the command name in parentheses: state is field 3, nice field 19.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(16)?.parse().ok()
 }

@@ -16,6 +16,7 @@
 //! survivor claim the next epoch with the tiebreaker before it goes on; the loser halts.
 
 mod backup;
+pub use backup::DEFAULT_REPLAY_NICE;
 mod link;
 mod primary;
 mod status;
@@ -150,6 +151,12 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         record: p.one("record").map(PathBuf::from),
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
     };
+    if !(0..=19).contains(&node.ft.replay_nice) {
+        return Err(Failure::usage(format!(
+            "[ft] replay_nice = {}: expected 0 (unchanged) to 19",
+            node.ft.replay_nice
+        )));
+    }
     if node.image.spec.nic.is_some() != node.tap.is_some() {
         return Err(Failure::usage(
             "a VM with a [nic] needs --tap NAME (and --tap needs a [nic])",
