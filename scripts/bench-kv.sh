@@ -4,24 +4,44 @@
 #   (b) the same C server built natively (kernel TCP) in the same host namespace
 #   (c) real redis-server in the same host namespace
 #   (d) the KV guest as a fault-tolerant pair (primary host-a, backup host-b)
-# then single-stream echo throughput (ftvm vs native), the log bandwidth of the FT pair under load,
+#   (e), (f) = (a), (d) with the primary's "host" given a fixed CPU budget (a cgroup CPU quota of
+#       CAP_CPU, default 0.5 CPU, on the ftvm process in both): the primary is the bottleneck, the
+#       backup and the client get the rest of the machine, as with hosts of their own
+# with the CPU time the server (primary) and the backup processes used per request; then
+# single-stream echo throughput (ftvm vs native), the log bandwidth of the FT pair under load,
 # and the client-visible stall of a failover (SIGKILL of the primary during an INCR loop).
 # Usage: scripts/bench-kv.sh [REQUESTS] [ROUNDS]      (root; run scripts/setup.sh first)
 #        PIPELINE=16 scripts/bench-kv.sh ...            (redis-benchmark -P 16)
+#        CAP_CPU=0 scripts/bench-kv.sh ...              (no capped configurations)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
 G="$REPO/guests/build"
 N="${1:-100000}"
-ROUNDS="${2:-2}"
+ROUNDS="${2:-3}"
+CAP_CPU="${CAP_CPU:-0.5}"
 LAB=bkv
 S=60
 VM=198.18.$S.50
 HA=198.18.$S.11
 TMP="$(mktemp -d)"
 PIDS=()
+# A cgroup (v1 cpu controller) with a CFS quota: the capped primary's "host". Short periods, so
+# throttling stalls last milliseconds, not the default 100 ms.
+CG=/sys/fs/cgroup/cpu/ftvm-bench-$LAB
+cap() { [[ -d "$CG" ]] && echo "$1" >"$CG/cgroup.procs"; }
+if [[ "$CAP_CPU" != 0 ]]; then
+    [[ -d /sys/fs/cgroup/cpu ]] || { echo "no cgroup v1 cpu controller: run with CAP_CPU=0" >&2; exit 1; }
+    mkdir -p "$CG"
+    echo 10000 >"$CG/cpu.cfs_period_us"
+    echo "$(python3 -c "print(int($CAP_CPU * 10000))")" >"$CG/cpu.cfs_quota_us"
+fi
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    if [[ -d "$CG" ]]; then
+        for p in $(cat "$CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
+        rmdir "$CG" 2>/dev/null || true
+    fi
     "$F" lab down --name $LAB || true
     rm -rf "$TMP"
 }
@@ -42,31 +62,52 @@ mac = "02:f7:00:00:3c:50"
 ip = "$VM/24"
 TOML
 wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1:$2" >&2; return 1; }
-bench() { # bench NAME HOST PORT -> appends "name test rps p50 p99" lines
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # user+system, clock ticks
+HZ=$(getconf CLK_TCK)
+bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test rps p50 p99" lines
+    local s0 b0
+    s0=$(ticks "${4:-0}"); b0=$(ticks "${5:-0}")
     inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c 50 ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
+    # CPU microseconds per request of the server (primary) and of the backup, over all 4 tests.
+    awk -v n="$1" -v s="$(( $(ticks "${4:-0}") - s0 ))" -v b="$(( $(ticks "${5:-0}") - b0 ))" -v hz="$HZ" -v r="$((4 * N))" \
+        'BEGIN { printf "%s %.2f %.2f\n", n, s * 1e6 / hz / r, b * 1e6 / hz / r }' >>"$TMP/cpu"
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-for ((r = 0; r < ROUNDS; r++)); do
+run_vm() { # run_vm NAME [cap]
     ip netns exec $LAB-host-a "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
-    wait_port $VM 6379; bench ftvm-run $VM 6379; stop $p
-    ip netns exec $LAB-host-a "$G/native/kv" 6380 >/dev/null 2>&1 & p=$!; PIDS+=($p)
-    wait_port $HA 6380; bench native-kv $HA 6380; stop $p
-    ip netns exec $LAB-host-a redis-server --port 6381 --bind $HA --protected-mode no --save "" --appendonly no >/dev/null 2>&1 & p=$!; PIDS+=($p)
-    wait_port $HA 6381; bench redis-server $HA 6381; stop $p
-    rm -rf "$TMP/tb"
+    [[ "${2:-}" == cap ]] && cap $p
+    wait_port $VM 6379; bench "$1" $VM 6379 $p; stop $p
+}
+ft_pair() { # ft_pair NAME [cap]
+    rm -rf "$TMP/tb" "$TMP/a.json"
     ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         --status-file "$TMP/a.json" >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
     ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
+    [[ "${2:-}" == cap ]] && cap $pa
     wait_port $VM 6379
     for _ in $(seq 50); do [[ -s "$TMP/a.json" ]] && break; sleep 0.1; done
     b0=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t0=$(date +%s%N)
-    bench ftvm-ft $VM 6379
+    # The ack round trip under load, sampled half-way (the status file is rewritten every 200 ms).
+    ( sleep 1; python3 -c "import json;print(json.load(open('$TMP/a.json'))['ack_rtt_us'])" >>"$TMP/rtt-$1" 2>/dev/null ) &
+    bench "$1" $VM 6379 $pa $pb
     b1=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t1=$(date +%s%N)
-    awk -v a="$b0" -v b="$b1" -v t=$(( (t1 - t0) / 1000000 )) 'BEGIN { printf "%.2f\n", (b-a)*8/1e6/(t/1000) }' >>"$TMP/logbw"
+    [[ "$1" == ftvm-ft ]] && awk -v a="$b0" -v b="$b1" -v t=$(( (t1 - t0) / 1000000 )) 'BEGIN { printf "%.2f\n", (b-a)*8/1e6/(t/1000) }' >>"$TMP/logbw"
     stop $pa; stop $pb
+}
+for ((r = 0; r < ROUNDS; r++)); do
+    run_vm ftvm-run
+    ip netns exec $LAB-host-a "$G/native/kv" 6380 >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    wait_port $HA 6380; bench native-kv $HA 6380 $p; stop $p
+    ip netns exec $LAB-host-a redis-server --port 6381 --bind $HA --protected-mode no --save "" --appendonly no >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    wait_port $HA 6381; bench redis-server $HA 6381 $p; stop $p
+    ft_pair ftvm-ft
+    if [[ "$CAP_CPU" != 0 ]]; then
+        run_vm run-cap cap
+        ft_pair ft-cap cap
+    fi
 done
 
 echo "redis-benchmark -t ping,set,get,incr -n $N -c 50 ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
@@ -78,9 +119,10 @@ for line in open(sys.argv[1]):
     parts = rest.rsplit(" ", 3)
     test, rps, p50, p99 = parts[0], float(parts[1]), float(parts[2]), float(parts[3])
     rows[(name, test)].append((rps, p50, p99))
-names = ["ftvm-run", "native-kv", "redis-server", "ftvm-ft"]
+names = ["ftvm-run", "native-kv", "redis-server", "ftvm-ft", "run-cap", "ft-cap"]
+names = [n for n in names if any(k[0] == n for k in rows)]
 tests = sorted({t for (_, t) in rows})
-print(f"{'test':<14}" + "".join(f"{n:>26}" for n in names) + f"{'run/native':>12}{'ft/run':>9}")
+print(f"{'test':<14}" + "".join(f"{n:>26}" for n in names) + f"{'run/native':>12}{'ft/run':>9}{'capped ft/run':>15}")
 for t in tests:
     cells, med = "", {}
     for n in names:
@@ -90,10 +132,20 @@ for t in tests:
         rps = statistics.median(x[0] for x in v); p50 = statistics.median(x[1] for x in v); p99 = statistics.median(x[2] for x in v)
         med[n] = rps
         cells += f"{rps:>12.0f} {p50:>5.3f}/{p99:>6.3f}"
-    ratio = med.get("ftvm-run", 0) / med["native-kv"] if med.get("native-kv") else 0
-    ft = med.get("ftvm-ft", 0) / med["ftvm-run"] if med.get("ftvm-run") else 0
-    print(f"{t:<14}{cells}{ratio:>12.3f}{ft:>9.3f}")
+    r = lambda a, b: med.get(a, 0) / med[b] if med.get(b) else 0
+    print(f"{t:<14}{cells}{r('ftvm-run', 'native-kv'):>12.3f}{r('ftvm-ft', 'ftvm-run'):>9.3f}{r('ft-cap', 'run-cap'):>15.3f}")
 PY
+echo "CPU per request (us, median over rounds, all 4 tests): server or primary process / backup process"
+python3 - "$TMP/cpu" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, s, b = line.split()
+    rows[name].append((float(s), float(b)))
+for name, v in rows.items():
+    print(f"  {name:<14}{statistics.median(x[0] for x in v):>6.2f} / {statistics.median(x[1] for x in v):.2f}")
+PY
+for f in "$TMP"/rtt-*; do [[ -e "$f" ]] && echo "ack round trip under load (us, per round) ${f##*/rtt-}: $(tr '\n' ' ' <"$f")"; done
 echo "FT log bandwidth under this load (Mbit/s, per round): $(tr '\n' ' ' <"$TMP/logbw")"
 
 # Single-stream echo throughput.
