@@ -206,23 +206,13 @@ impl NetStack {
 
     /// The guest's turn is over (it is about to wait): sends the ACKs still deferred.
     pub fn end_turn(&mut self) {
-        let due: Vec<u32> = self
-            .sockets
-            .iter()
-            .filter(|(_, t)| t.has_deferred_ack())
-            .map(|(&id, _)| id)
-            .collect();
-        for id in due {
-            let Some(t) = self.sockets.get_mut(&id) else {
-                continue;
-            };
-            let mut out = Out::default();
-            if t.flush_deferred_ack(&mut out) {
-                self.stats.deferred_acks_sent += 1;
+        let mut sent = 0;
+        self.drive(Tcb::has_deferred_ack, |t, out| {
+            if t.flush_deferred_ack(out) {
+                sent += 1;
             }
-            let key = Self::key_of(t);
-            self.flush(key, out);
-        }
+        });
+        self.stats.deferred_acks_sent += sent;
     }
 
     /// The configuration in force (after clamping).
@@ -872,24 +862,33 @@ impl NetStack {
     /// Runs every timer due at `now_ns` (retransmission, persist, TIME-WAIT, FIN-WAIT-2).
     pub fn poll(&mut self, now_ns: u64) {
         let now = self.advance(now_ns);
-        let due: Vec<u32> = self
+        self.drive(
+            |t| t.next_deadline().is_some_and(|d| d <= now),
+            |t, out| t.on_timer(now, out),
+        );
+        self.arp_requested
+            .retain(|_, t| now.saturating_sub(*t) < ARP_REQUEST_INTERVAL_NS);
+    }
+
+    /// Runs `f` on every connection `due` selects (in id order), then transmits what it queued
+    /// and settles the connection.
+    fn drive(&mut self, due: impl Fn(&Tcb) -> bool, mut f: impl FnMut(&mut Tcb, &mut Out)) {
+        let ids: Vec<u32> = self
             .sockets
             .iter()
-            .filter(|(_, t)| t.next_deadline().is_some_and(|d| d <= now))
+            .filter(|(_, t)| due(t))
             .map(|(&id, _)| id)
             .collect();
-        for id in due {
+        for id in ids {
             let Some(t) = self.sockets.get_mut(&id) else {
                 continue;
             };
             let mut out = Out::default();
-            t.on_timer(now, &mut out);
+            f(t, &mut out);
             let key = Self::key_of(t);
             self.flush(key, out);
             self.settle(id);
         }
-        self.arp_requested
-            .retain(|_, t| now.saturating_sub(*t) < ARP_REQUEST_INTERVAL_NS);
     }
 
     /// Takes the frames queued for transmission, oldest first.
