@@ -400,6 +400,43 @@ fn a_corrupted_log_frame_is_detected_not_applied() {
 }
 
 #[test]
+fn an_acked_record_that_cannot_be_replayed_halts_the_backup_not_the_primary() {
+    // The record's own checksum fails inside a frame whose checksum holds: the backup acked it,
+    // so the primary may have released outputs that depend on it. The backup must never go
+    // live; the primary goes on alone.
+    let pair = Pair::new(30, 20);
+    let log = port();
+    let mut primary = pair.start("a", "primary", log, &["--corrupt-log-record", "15"]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    assert_eq!(
+        backup.wait(Duration::from_secs(30)),
+        127,
+        "{}",
+        backup.stderr()
+    );
+    assert!(
+        backup
+            .stderr()
+            .contains("log record 15 was acknowledged but cannot be replayed"),
+        "{}",
+        backup.stderr()
+    );
+    assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
+    assert_eq!(
+        primary.wait(Duration::from_secs(30)),
+        0,
+        "{}",
+        primary.stderr()
+    );
+    assert!(
+        primary.stderr().contains("going on alone"),
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(iterations(&primary.stdout()), (0..30).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_backup_of_another_vm_is_refused() {
     let pair = Pair::new(50, 20);
     let other = Pair::new(51, 20); // different args: a different VM definition

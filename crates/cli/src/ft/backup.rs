@@ -397,22 +397,8 @@ impl Driver {
                         let _ = tx.send((record.seq, entry));
                     }
                 }
-                Ok((s, _)) => {
-                    eprintln!(
-                        "ftvm: log record {} carries entry {s}; not applied, dropping the channel",
-                        record.seq
-                    );
-                    self.log_corrupt();
-                    return;
-                }
-                Err(e) => {
-                    eprintln!(
-                        "ftvm: log record {} is corrupt ({e}); not applied, dropping the channel",
-                        record.seq
-                    );
-                    self.log_corrupt();
-                    return;
-                }
+                Ok((s, _)) => self.record_unusable(record.seq, &format!("it carries entry {s}")),
+                Err(e) => self.record_unusable(record.seq, &format!("it is corrupt ({e})")),
             }
         }
     }
@@ -429,10 +415,14 @@ impl Driver {
         self.forward_records();
     }
 
-    /// A received record is corrupt: nothing from it on is applied.
-    fn log_corrupt(&mut self) {
-        while self.link.pop_record().is_some() {}
-        self.end_of_log();
+    /// A record came in a frame whose checksum held, so it was acknowledged, and the primary may
+    /// have released outputs that depend on it; yet it cannot be replayed. This replica can never
+    /// carry on consistently: fail-stop. The primary sees the channel end and goes on alone.
+    fn record_unusable(&mut self, seq: u64, why: &str) -> ! {
+        halt(format!(
+            "log record {seq} was acknowledged but cannot be replayed: {why}; this backup can \
+             never go live consistently"
+        ))
     }
 
     fn publish(&mut self, now: u64) {

@@ -70,6 +70,8 @@ pub struct Node {
     pub record: Option<PathBuf>,
     /// Test hook: corrupt the Nth frame this primary sends on the log channel.
     pub corrupt_frame: Option<u64>,
+    /// Test hook: corrupt log record N before it is framed (the frame's checksum holds).
+    pub corrupt_record: Option<u64>,
 }
 
 pub fn main(args: &[String]) -> Result<i32, Failure> {
@@ -87,6 +89,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
             "disk",
             "wait-ms",
             "corrupt-log-frame",
+            "corrupt-log-record",
             "record",
             "slow-replay-us",
         ],
@@ -148,6 +151,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         status_file: p.one("status-file").map(PathBuf::from),
         wait_ms,
         corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
+        corrupt_record: p.number::<u64>("corrupt-log-record")?,
         record: p.one("record").map(PathBuf::from),
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
     };

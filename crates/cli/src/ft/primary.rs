@@ -90,6 +90,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         pacing,
         last_pace: Instant::now(),
         scratch: Vec::new(),
+        corrupt_record: node.corrupt_record,
     });
     let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
         Some(path) => Box::new(ftvm_vm::gate::TeeSink(
@@ -741,12 +742,19 @@ struct DirectSink {
     pacing: Arc<Pacing>,
     last_pace: Instant,
     scratch: Vec<u8>,
+    /// Test hook: flip a bit inside this record (its own checksum fails, the frame's holds).
+    corrupt_record: Option<u64>,
 }
 
 impl ftvm_vm::LogSink for DirectSink {
     fn append(&mut self, seq: u64, entry: &ftvm_log::Entry) -> Result<(), VmError> {
         self.scratch.clear();
         entry.encode_framed(seq, &mut self.scratch);
+        if self.corrupt_record == Some(seq) {
+            let at = self.scratch.len() - 1;
+            self.scratch[at] ^= 0x01;
+            eprintln!("ftvm: test hook: corrupted log record {seq}");
+        }
         let bytes = self.scratch.clone();
         self.shared.from_vm(ToDriver::Record { seq, bytes })
     }
