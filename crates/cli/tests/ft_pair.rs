@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,8 +50,6 @@ impl Pair {
     }
 
     fn start(&self, name: &str, role: &str, log: u16, extra: &[&str]) -> Proc {
-        let out = self.dir.path().join(format!("{name}.out"));
-        let err = self.dir.path().join(format!("{name}.err"));
         let mut cmd = Command::new(ftvm());
         cmd.args([
             "ft",
@@ -70,15 +68,8 @@ impl Pair {
             "--wait-ms",
             "10000",
         ])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap());
-        Proc {
-            child: Some(cmd.spawn().unwrap()),
-            out,
-            err,
-        }
+        .args(extra);
+        Proc::spawn(&mut cmd, self.dir.path(), name)
     }
 
     fn claims(&self) -> Vec<String> {

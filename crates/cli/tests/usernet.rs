@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -21,20 +21,7 @@ fn free_port() -> u16 {
 }
 
 fn spawn_ftvm(args: &[&str], dir: &Path, tag: &str) -> Proc {
-    let out = dir.join(format!("{tag}.out"));
-    let err = dir.join(format!("{tag}.err"));
-    let child = Command::new(ftvm())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    Proc {
-        child: Some(child),
-        out,
-        err,
-    }
+    Proc::spawn(Command::new(ftvm()).args(args), dir, tag)
 }
 
 /// A VM with a user-mode NIC forwarding 127.0.0.1:`port` to `guest_port`.

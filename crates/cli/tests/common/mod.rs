@@ -209,6 +209,22 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` with no stdin and its stdout/stderr in `dir/TAG.out` and `dir/TAG.err`.
+    pub fn spawn(cmd: &mut Command, dir: &Path, tag: &str) -> Proc {
+        let out = dir.join(format!("{tag}.out"));
+        let err = dir.join(format!("{tag}.err"));
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
     }

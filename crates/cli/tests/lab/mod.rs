@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
@@ -79,21 +79,7 @@ impl Lab {
         c
     }
     pub fn spawn(&self, host: &str, program: &Path, args: &[&str], dir: &Path, tag: &str) -> Proc {
-        let out = dir.join(format!("{tag}.out"));
-        let err = dir.join(format!("{tag}.err"));
-        let child = self
-            .cmd(host, program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            child: Some(child),
-            out,
-            err,
-        }
+        Proc::spawn(self.cmd(host, program).args(args), dir, tag)
     }
     /// A VM definition for the KV guest on this lab's VM address.
     pub fn kv_toml(&self, dir: &Path) -> PathBuf {
