@@ -129,12 +129,7 @@ fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
         wait_until(Duration::from_secs(20), || backup.stderr().contains("LIVE"));
         assert_eq!(vm_thread_nice(backup.pid()), Some(0), "{}", backup.stderr());
     }
-    assert_eq!(
-        backup.wait(Duration::from_secs(30)),
-        0,
-        "{}",
-        backup.stderr()
-    );
+    backup.expect_exit(0, Duration::from_secs(30));
     assert!(backup.stderr().contains("LIVE"), "{}", backup.stderr());
     let mut seen = iterations(&primary.stdout());
     seen.extend(iterations(&backup.stdout()));
@@ -161,12 +156,7 @@ fn backup_killed_primary_goes_on_alone() {
     });
     backup.signal(libc::SIGKILL);
     backup.wait(Duration::from_secs(5));
-    assert_eq!(
-        primary.wait(Duration::from_secs(30)),
-        0,
-        "{}",
-        primary.stderr()
-    );
+    primary.expect_exit(0, Duration::from_secs(30));
     assert_eq!(
         iterations(&primary.stdout()),
         (0..30).collect::<Vec<_>>(),
@@ -191,18 +181,8 @@ fn a_clean_exit_is_not_a_failure() {
     let saved = pair.dir.path().join("primary.log");
     let mut primary = pair.start("a", "primary", log, &["--record", saved.to_str().unwrap()]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    assert_eq!(
-        primary.wait(Duration::from_secs(30)),
-        0,
-        "{}",
-        primary.stderr()
-    );
-    assert_eq!(
-        backup.wait(Duration::from_secs(30)),
-        0,
-        "{}",
-        backup.stderr()
-    );
+    primary.expect_exit(0, Duration::from_secs(30));
+    backup.expect_exit(0, Duration::from_secs(30));
     assert!(
         backup.stderr().contains("(replayed)"),
         "{}",
@@ -235,18 +215,8 @@ fn power_off_travels_through_the_log_and_stops_both() {
         iterations(&primary.stdout()).len() >= 3
     });
     primary.signal(libc::SIGTERM);
-    assert_eq!(
-        primary.wait(Duration::from_secs(10)),
-        0,
-        "{}",
-        primary.stderr()
-    );
-    assert_eq!(
-        backup.wait(Duration::from_secs(10)),
-        0,
-        "{}",
-        backup.stderr()
-    );
+    primary.expect_exit(0, Duration::from_secs(10));
+    backup.expect_exit(0, Duration::from_secs(10));
     assert!(primary.stderr().contains("powered off"));
     assert!(
         backup.stderr().contains("powered off"),
@@ -282,12 +252,7 @@ fn a_paused_primary_never_speaks_after_the_backup_went_live() {
     );
     assert!(primary.stderr().contains("HALT"));
     backup.signal(libc::SIGTERM);
-    assert_eq!(
-        backup.wait(Duration::from_secs(10)),
-        0,
-        "{}",
-        backup.stderr()
-    );
+    backup.expect_exit(0, Duration::from_secs(10));
 }
 
 /// A TCP relay between backup and primary that the test can cut.
@@ -399,12 +364,7 @@ fn an_acked_record_that_cannot_be_replayed_halts_the_backup_not_the_primary() {
     let log = port();
     let mut primary = pair.start("a", "primary", log, &["--corrupt-log-record", "15"]);
     let mut backup = pair.start("b", "backup", log, &[]);
-    assert_eq!(
-        backup.wait(Duration::from_secs(30)),
-        127,
-        "{}",
-        backup.stderr()
-    );
+    backup.expect_exit(127, Duration::from_secs(30));
     assert!(
         backup
             .stderr()
@@ -413,12 +373,7 @@ fn an_acked_record_that_cannot_be_replayed_halts_the_backup_not_the_primary() {
         backup.stderr()
     );
     assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
-    assert_eq!(
-        primary.wait(Duration::from_secs(30)),
-        0,
-        "{}",
-        primary.stderr()
-    );
+    primary.expect_exit(0, Duration::from_secs(30));
     assert!(
         primary.stderr().contains("going on alone"),
         "{}",
@@ -529,18 +484,8 @@ fn a_lagging_backup_slows_the_primary_down() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        primary.wait(Duration::from_secs(1)),
-        0,
-        "{}",
-        primary.stderr()
-    );
-    assert_eq!(
-        backup.wait(Duration::from_secs(60)),
-        0,
-        "{}",
-        backup.stderr()
-    );
+    primary.expect_exit(0, Duration::from_secs(1));
+    backup.expect_exit(0, Duration::from_secs(60));
     assert!(
         max_lag > 100,
         "the backup was made to lag past the 100 ms target (saw {max_lag} ms)"

@@ -119,7 +119,7 @@ fn kv_guest_answers_ping_redis_cli_and_redis_benchmark() {
         );
     }
     vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait(Duration::from_secs(10)), 0, "{}", vm.stderr());
+    vm.expect_exit(0, Duration::from_secs(10));
 }
 
 #[test]
@@ -173,7 +173,7 @@ fn a_recorded_network_session_replays_identically() {
         .unwrap();
     assert!(out.status.success());
     vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait(Duration::from_secs(10)), 0, "{}", vm.stderr());
+    vm.expect_exit(0, Duration::from_secs(10));
 
     // Replay: no network at all, the frames come from the log; every checkpoint (output digest
     // of every frame sent, VM state hash) must match.
@@ -281,5 +281,5 @@ fn echo_stream(name: &str, subnet: u8, faults: &str) {
         elapsed.as_secs_f64()
     );
     vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait(Duration::from_secs(10)), 0, "{}", vm.stderr());
+    vm.expect_exit(0, Duration::from_secs(10));
 }

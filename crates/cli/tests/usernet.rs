@@ -72,7 +72,7 @@ fn resp(reader: &mut BufReader<TcpStream>, args: &[&str]) -> String {
 
 fn stop(vm: &mut Proc) {
     vm.signal(libc::SIGTERM);
-    assert_eq!(vm.wait(Duration::from_secs(20)), 0, "{}", vm.stderr());
+    vm.expect_exit(0, Duration::from_secs(20));
 }
 
 #[test]

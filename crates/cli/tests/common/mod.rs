@@ -249,6 +249,16 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    /// Waits for the process and asserts its exit code, showing its stderr if it differs.
+    pub fn expect_exit(&mut self, code: i32, limit: Duration) {
+        let got = self.wait(limit);
+        assert_eq!(
+            got,
+            code,
+            "exit code {got}, expected {code}: {}",
+            self.stderr()
+        );
+    }
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
