@@ -15,14 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// A free loopback port (bound once to learn it, then released).
-fn port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Pair {
     dir: tempfile::TempDir,
     vm: PathBuf,
@@ -108,7 +100,7 @@ fn assert_in_order_no_duplicates(seen: &[u32]) {
 #[test]
 fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
     let pair = Pair::new(40, 50);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
     // SAFETY: geteuid has no preconditions.
@@ -148,7 +140,7 @@ fn primary_killed_backup_goes_live_and_the_guest_carries_on() {
 #[test]
 fn backup_killed_primary_goes_on_alone() {
     let pair = Pair::new(30, 40);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
     wait_until(Duration::from_secs(20), || {
@@ -177,7 +169,7 @@ fn backup_killed_primary_goes_on_alone() {
 #[test]
 fn a_clean_exit_is_not_a_failure() {
     let pair = Pair::new(5, 20);
-    let log = port();
+    let log = free_port();
     let saved = pair.dir.path().join("primary.log");
     let mut primary = pair.start("a", "primary", log, &["--record", saved.to_str().unwrap()]);
     let mut backup = pair.start("b", "backup", log, &[]);
@@ -208,7 +200,7 @@ fn a_clean_exit_is_not_a_failure() {
 #[test]
 fn power_off_travels_through_the_log_and_stops_both() {
     let pair = Pair::new(1000, 20);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
     wait_until(Duration::from_secs(20), || {
@@ -229,7 +221,7 @@ fn power_off_travels_through_the_log_and_stops_both() {
 #[test]
 fn a_paused_primary_never_speaks_after_the_backup_went_live() {
     let pair = Pair::new(1000, 20);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
     wait_until(Duration::from_secs(20), || {
@@ -328,7 +320,7 @@ fn exactly_one_survives(primary: &mut Proc, backup: &mut Proc) {
 #[test]
 fn a_cut_log_channel_leaves_exactly_one_live() {
     let pair = Pair::new(60, 20);
-    let log = port();
+    let log = free_port();
     let relay = Relay::start(log);
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", relay.port, &[]);
@@ -343,7 +335,7 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
 #[test]
 fn a_corrupted_log_frame_is_detected_not_applied() {
     let pair = Pair::new(40, 20);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &["--corrupt-log-frame", "12"]);
     let mut backup = pair.start("b", "backup", log, &[]);
     exactly_one_survives(&mut primary, &mut backup);
@@ -361,7 +353,7 @@ fn an_acked_record_that_cannot_be_replayed_halts_the_backup_not_the_primary() {
     // so the primary may have released outputs that depend on it. The backup must never go
     // live; the primary goes on alone.
     let pair = Pair::new(30, 20);
-    let log = port();
+    let log = free_port();
     let mut primary = pair.start("a", "primary", log, &["--corrupt-log-record", "15"]);
     let mut backup = pair.start("b", "backup", log, &[]);
     backup.expect_exit(127, Duration::from_secs(30));
@@ -386,7 +378,7 @@ fn an_acked_record_that_cannot_be_replayed_halts_the_backup_not_the_primary() {
 fn a_backup_of_another_vm_is_refused() {
     let pair = Pair::new(50, 20);
     let other = Pair::new(51, 20); // different args: a different VM definition
-    let log = port();
+    let log = free_port();
     let _primary = pair.start("a", "primary", log, &[]);
     let out = Command::new(ftvm())
         .args([
@@ -411,7 +403,7 @@ fn a_backup_of_another_vm_is_refused() {
 fn kill_rounds(rounds: usize, tiebreak: impl Fn(usize) -> Option<String>) {
     for round in 0..rounds {
         let pair = Pair::with_tiebreak(12, 15, tiebreak(round));
-        let log = port();
+        let log = free_port();
         let mut primary = pair.start("a", "primary", log, &[]);
         let mut backup = pair.start("b", "backup", log, &[]);
         let kill_after = 1 + round % 6;
@@ -455,7 +447,7 @@ fn kill_rounds_with_the_etcd_tiebreaker() {
 #[test]
 fn a_lagging_backup_slows_the_primary_down() {
     let pair = Pair::new(300, 2);
-    let log = port();
+    let log = free_port();
     let status = pair.dir.path().join("a.json");
     let mut primary = pair.start(
         "a",

@@ -12,14 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_ftvm(args: &[&str], dir: &Path, tag: &str) -> Proc {
     Proc::spawn(Command::new(ftvm()).args(args), dir, tag)
 }
