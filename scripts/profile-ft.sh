@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Where an FT primary's extra CPU goes (issue 4): `perf record -g` of the server process only, for
+# (a) the KV guest under `ftvm run` and (b) the same guest as an FT primary with its backup, each
+# driven by `redis-benchmark -t set -c 50` in the lab. Prints throughput, CPU µs per request and,
+# per request, the µs under the code paths that differ (inclusive: a path's callees count).
+# Usage: scripts/profile-ft.sh [SECONDS]     (root; run scripts/setup.sh first; installs linux-perf)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+F="$REPO/target/release/ftvm"
+G="$REPO/guests/build"
+SECS="${1:-5}"
+LAB=pft
+S=64
+VM=198.18.$S.50
+HA=198.18.$S.11
+MAC=02:f7:00:00:40:50
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    "$F" lab down --name $LAB >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+if ! command -v perf >/dev/null; then
+    echo "[profile] installing Debian's linux-perf" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+fi
+"$F" lab up --name $LAB --subnet $S >/dev/null
+for h in host-a host-b; do
+    ip -n $LAB-$h tuntap add dev tap0 mode tap
+    ip -n $LAB-$h link set tap0 master br0 up
+done
+cat >"$TMP/kv.toml" <<TOML
+name = "profile-ft"
+module = "$G/kv.wasm"
+listen = [6379]
+[nic]
+mac = "$MAC"
+ip = "$VM/24"
+TOML
+wait_port() {
+    for _ in $(seq 100); do
+        ip netns exec $LAB-client redis-cli -h $VM -p 6379 PING >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "no server at $VM:6379" >&2
+    return 1
+}
+profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s, report
+    ip netns exec $LAB-client timeout $((SECS + 30)) redis-benchmark -h $VM -p 6379 -t set \
+        -n 100000000 -c 50 -q >"$TMP/$1.bench" 2>&1 &
+    local b=$!
+    PIDS+=($b)
+    sleep 1
+    perf record -g -e cpu-clock -F 1999 -p "$2" -o "$TMP/$1.data" -- sleep "$SECS" >/dev/null 2>&1
+    kill $b 2>/dev/null || true
+    wait $b 2>/dev/null || true
+    local rps
+    rps=$(tr '\r' '\n' <"$TMP/$1.bench" | grep -o 'rps=[0-9.]*' | tail -1 | cut -d= -f2)
+    # cpu-clock's event count is CPU nanoseconds of the process over SECS seconds.
+    local ns
+    ns=$(perf report -i "$TMP/$1.data" --stdio 2>/dev/null | sed -n 's/^# Event count (approx.): //p')
+    local per=$(awk -v ns="$ns" -v r="$rps" -v s="$SECS" 'BEGIN { printf "%.2f", ns / 1000 / (r * s) }')
+    echo "$1: $rps req/s, $per µs CPU per request; per request, inclusive:"
+    perf report -i "$TMP/$1.data" --stdio --children -g none --sort sym 2>/dev/null |
+        awk -v per="$per" '$1 ~ /%$/ && $2 ~ /%$/ {
+            sym = $NF
+            if (sym ~ /^(__GI___libc_write|__send|__libc_recv|ppoll|finish_task_switch.isra.0|tcp_v4_rcv|syscall)$/) {
+                sub(/%/, "", $1); printf "    %-28s %5.2f µs (%s%%)\n", sym, $1 * per / 100, $1
+            }
+        }'
+}
+ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
+    >/dev/null 2>&1 &
+p=$!
+PIDS+=($p)
+wait_port
+profile run $p
+kill $p
+wait $p 2>/dev/null || true
+ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 \
+    --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
+pa=$!
+PIDS+=($pa)
+ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
+    --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
+PIDS+=($!)
+wait_port
+profile ft-primary $pa
+echo "(__GI___libc_write: TAP writes, with the client's TCP receive they run on one machine;"
+echo " __send: log writes; __libc_recv: ack reads; finish_task_switch: context switches)"
