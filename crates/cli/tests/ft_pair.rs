@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A free loopback port (bound once to learn it, then released).
+/// A fault-tolerant pair of the console guest `sleeper` with a shared-directory tiebreaker.
 struct Pair {
     dir: tempfile::TempDir,
     vm: PathBuf,
@@ -396,6 +396,103 @@ fn a_backup_of_another_vm_is_refused() {
     assert_eq!(out.status.code(), Some(127));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("configuration hash differs"), "{err}");
+}
+
+/// An `fsx` pair that ran to its end: the replicas and their exit codes.
+struct FsxPair {
+    primary: Proc,
+    primary_code: i32,
+    backup: Proc,
+    backup_code: i32,
+    _dir: tempfile::TempDir,
+}
+
+/// Runs `fsx` as a pair whose replicas' disks are `a` and `b` (both empty at the start), until
+/// both have exited.
+fn fsx_pair(a: &std::path::Path, b: &std::path::Path) -> FsxPair {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = dir.path().join("fsx.toml");
+    std::fs::write(
+        &vm,
+        format!(
+            "name = \"fsx\"\nmodule = \"{}\"\nargs = [\"/data\"]\n[[disk]]\nhost = \"unused\"\nguest = \"/data\"\n",
+            guest("fsx").display()
+        ),
+    )
+    .unwrap();
+    let log = free_port();
+    let tb = format!("dir:{}", dir.path().join("tb").display());
+    let start = |name: &str, role: &str, disk: &std::path::Path| {
+        let mut cmd = Command::new(ftvm());
+        cmd.args(["ft", "--vm", vm.to_str().unwrap(), "--as", role])
+            .args(["--log", &format!("127.0.0.1:{log}"), "--tiebreak", &tb])
+            .args(["--owner", name, "--wait-ms", "10000"])
+            .args(["--disk", &format!("{}::/data", disk.display())]);
+        Proc::spawn(&mut cmd, dir.path(), name)
+    };
+    let mut primary = start("a", "primary", a);
+    let mut backup = start("b", "backup", b);
+    let primary_code = primary.wait(Duration::from_secs(60));
+    let backup_code = backup.wait(Duration::from_secs(60));
+    FsxPair {
+        primary,
+        primary_code,
+        backup,
+        backup_code,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn a_full_disk_on_one_replica_stops_that_replica_on_divergence() {
+    // The replicas have disks of their own (the paper's non-shared disk). When one fills up and
+    // the other does not, the guest's writes fail on one side only: that is a divergence, and
+    // the backup stops at that disk call; it never goes live with a disk that differs. The
+    // primary's guest carries on with whatever its own disk said.
+    let roomy = tempfile::tempdir().unwrap();
+    let full = Tmpfs::mount(4 << 10);
+    let run = fsx_pair(roomy.path(), full.path());
+    let (primary, backup) = (&run.primary, &run.backup);
+    assert_eq!(run.primary_code, 0, "{}", primary.stderr());
+    assert!(
+        primary.stdout().contains("fsx: failures=0"),
+        "{}",
+        primary.stdout()
+    );
+    assert_eq!(run.backup_code, 122, "{}", backup.stderr());
+    // Stopped at the disk call itself (the gate checks host disk errors), not at a checkpoint.
+    assert!(
+        backup
+            .stderr()
+            .contains("failed with ENOSPC here and succeeded in the recording"),
+        "{}",
+        backup.stderr()
+    );
+    assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
+
+    // The other way round: the primary's guest sees ENOSPC and says so; the backup stops.
+    let roomy = tempfile::tempdir().unwrap();
+    let full = Tmpfs::mount(4 << 10);
+    let run = fsx_pair(full.path(), roomy.path());
+    let (primary, backup) = (&run.primary, &run.backup);
+    let out = primary.stdout();
+    assert!(out.contains("ENOSPC"), "{out}");
+    let failures: i32 = out
+        .split("fsx: failures=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("fsx reports its failures");
+    assert_eq!(run.primary_code, failures.min(100), "{}", primary.stderr());
+    assert_eq!(run.backup_code, 122, "{}", backup.stderr());
+    assert!(
+        backup
+            .stderr()
+            .contains("failed with ENOSPC in the recording and succeeded here"),
+        "{}",
+        backup.stderr()
+    );
+    assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
 }
 
 /// The soak: many kill rounds, a fresh pair each, with both tiebreakers. Console lines never

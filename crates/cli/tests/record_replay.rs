@@ -304,6 +304,126 @@ fn truncated_and_corrupt_logs_say_where() {
 }
 
 #[test]
+fn a_full_disk_under_the_log_stops_the_vm_and_keeps_what_was_written() {
+    // The log's file system fills up mid-run (about 1,100 of clockrand's ~4,000 entries fit).
+    let full = Tmpfs::mount(32 << 10);
+    let log = full.path().join("c.log");
+    let g = guest("clockrand");
+    let out = run(&[
+        "run",
+        "--record",
+        log.to_str().unwrap(),
+        g.to_str().unwrap(),
+        "300",
+    ]);
+    assert_eq!(code(&out), 125, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("No space left on device")
+            && stderr(&out).contains("nothing goes unrecorded"),
+        "{}",
+        stderr(&out)
+    );
+    let printed = out.stdout;
+    assert!(
+        !printed.is_empty(),
+        "the guest printed before the disk filled"
+    );
+    assert!(
+        !String::from_utf8_lossy(&printed).contains("clockrand: done"),
+        "the run cannot have finished"
+    );
+
+    // What was written replays, and yields exactly what the run let out before it stopped: no
+    // output left the VM that the log does not account for.
+    let copy = tempfile::tempdir().unwrap();
+    let kept = copy.path().join("kept.log");
+    std::fs::copy(&log, &kept).unwrap();
+    drop(full);
+    let replay = run(&["replay", kept.to_str().unwrap(), g.to_str().unwrap()]);
+    assert_eq!(code(&replay), 121, "{}", stderr(&replay));
+    assert!(
+        stderr(&replay).contains("truncated at byte"),
+        "{}",
+        stderr(&replay)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&replay.stdout),
+        String::from_utf8_lossy(&printed)
+    );
+}
+
+#[test]
+fn a_full_guest_disk_is_enospc_for_the_guest_not_a_crash() {
+    let full = Tmpfs::mount(4 << 10);
+    let g = guest("fsx");
+    let dir = format!("{}::/data", full.path().display());
+    let out = run(&["run", "--dir", &dir, g.to_str().unwrap(), "/data"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("ENOSPC"), "{text}\n{}", stderr(&out));
+    // fsx counts its unexpected failures as its exit code: the guest ran to its end and reported.
+    assert!(text.contains("fsx: failures="), "{text}");
+    assert!((1..=100).contains(&code(&out)), "{}", stderr(&out));
+}
+
+#[test]
+fn a_recorded_disk_failure_replays_on_an_equally_full_disk_and_diverges_on_another() {
+    // Host disk errors are gate inputs: each is in the log, and a replayer's disk must fail the
+    // same calls the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("fsx.log");
+    let g = guest("fsx");
+    let full = Tmpfs::mount(4 << 10);
+    let disk = format!("{}::/data", full.path().display());
+    let out = run(&[
+        "run",
+        "--record",
+        log.to_str().unwrap(),
+        "--dir",
+        &disk,
+        g.to_str().unwrap(),
+        "/data",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ENOSPC"));
+    let inspect = run(&["inspect", log.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains("host disk error call=") && l.ends_with("errno=51")),
+        "no ENOSPC entry in the log: {listing}"
+    );
+
+    let again = Tmpfs::mount(4 << 10);
+    let disk = format!("{}::/data", again.path().display());
+    let replay = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &disk,
+        g.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&replay), code(&out), "{}", stderr(&replay));
+    assert_eq!(replay.stdout, out.stdout);
+
+    let roomy = dir.path().join("roomy");
+    std::fs::create_dir(&roomy).unwrap();
+    let disk = format!("{}::/data", roomy.display());
+    let replay = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &disk,
+        g.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&replay), 122, "{}", stderr(&replay));
+    assert!(
+        stderr(&replay).contains("with ENOSPC in the recording"),
+        "{}",
+        stderr(&replay)
+    );
+}
+
+#[test]
 fn bad_modules_and_guest_failures_get_distinct_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {

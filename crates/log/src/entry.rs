@@ -51,6 +51,10 @@ pub enum Entry {
     Exit { code: u32 },
     /// The guest trapped; the message is for humans and is not compared.
     Trap { message: String },
+    /// The guest's host call number `call` (counting every WASI call from the start) failed on
+    /// the host's file system with this (WASI) errno. The disk is replicated state, so a
+    /// replayer's host must fail the same call the same way.
+    HostError { call: u64, errno: u16 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +83,7 @@ pub enum EntryKind {
     Control,
     Exit,
     Trap,
+    HostError,
 }
 
 impl std::fmt::Display for EntryKind {
@@ -91,6 +96,7 @@ impl std::fmt::Display for EntryKind {
             EntryKind::Control => "control operation",
             EntryKind::Exit => "guest exit",
             EntryKind::Trap => "guest trap",
+            EntryKind::HostError => "host disk error",
         };
         f.write_str(name)
     }
@@ -103,6 +109,7 @@ const TAG_CHECKPOINT: u8 = 4;
 const TAG_CONTROL: u8 = 5;
 const TAG_EXIT: u8 = 6;
 const TAG_TRAP: u8 = 7;
+const TAG_HOST_ERROR: u8 = 8;
 
 const CONTROL_POWER_OFF: u8 = 1;
 
@@ -116,6 +123,7 @@ impl Entry {
             Entry::Control(_) => EntryKind::Control,
             Entry::Exit { .. } => EntryKind::Exit,
             Entry::Trap { .. } => EntryKind::Trap,
+            Entry::HostError { .. } => EntryKind::HostError,
         }
     }
 
@@ -181,6 +189,11 @@ impl Entry {
             Entry::Trap { message } => {
                 out.push(TAG_TRAP);
                 put_bytes(out, message.as_bytes());
+            }
+            Entry::HostError { call, errno } => {
+                out.push(TAG_HOST_ERROR);
+                out.extend_from_slice(&call.to_le_bytes());
+                out.extend_from_slice(&errno.to_le_bytes());
             }
         }
     }
@@ -249,6 +262,10 @@ impl Entry {
                     message: String::from_utf8_lossy(&bytes).into_owned(),
                 }
             }
+            TAG_HOST_ERROR => Entry::HostError {
+                call: r.u64()?,
+                errno: r.u16()?,
+            },
             other => return Err(r.bad(format!("unknown entry tag {other}"))),
         };
         if r.pos != body.len() {
@@ -283,6 +300,9 @@ impl Entry {
             Entry::Control(op) => format!("control {op:?}"),
             Entry::Exit { code } => format!("exit code={code}"),
             Entry::Trap { message } => format!("trap {message:?}"),
+            Entry::HostError { call, errno } => {
+                format!("host disk error call={call} errno={errno}")
+            }
         }
     }
 }
@@ -322,6 +342,11 @@ impl Reader<'_> {
     }
     fn u8(&mut self) -> Result<u8, LogError> {
         Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, LogError> {
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, LogError> {
         Ok(u32::from_le_bytes(

@@ -28,7 +28,9 @@ pub use entry::{Checkpoint, ControlOp, Entry, EntryKind, ENTRY_BYTES_MAX, ENTRY_
 pub use spec::{Limits, NicSpec, VmSpec};
 
 pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: `HostError` entries (host disk errors are gate inputs), which a version-1 log lacks even
+/// where its guest met one.
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest JSON header we accept.
 pub const HEADER_BYTES_MAX: usize = 1 << 20;
 
@@ -312,6 +314,7 @@ mod tests {
             Entry::Trap {
                 message: "unreachable".into(),
             },
+            Entry::HostError { call: 7, errno: 51 },
             Entry::Exit { code: 3 },
         ]
     }

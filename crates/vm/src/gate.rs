@@ -316,6 +316,8 @@ pub struct Gate {
     seq: u64,
     /// Gate events so far (checkpoints not counted).
     events: u64,
+    /// The guest's WASI calls so far: names the call a host disk error belongs to.
+    host_calls: u64,
     checkpoint_events: u64,
     digest: blake3::Hasher,
     output_bytes: u64,
@@ -355,6 +357,7 @@ impl Gate {
             mode,
             seq: 0,
             events: 0,
+            host_calls: 0,
             checkpoint_events,
             digest: blake3::Hasher::new(),
             output_bytes: 0,
@@ -552,7 +555,9 @@ impl Gate {
 
     /// Whether a checkpoint is due after the events so far.
     pub fn checkpoint_due(&self) -> bool {
-        self.checkpoint_events > 0 && self.events > 0 && self.events % self.checkpoint_events == 0
+        self.checkpoint_events > 0
+            && self.events > 0
+            && self.events.is_multiple_of(self.checkpoint_events)
     }
 
     fn checkpoint_now(&self, state_hash: [u8; 32], fuel: Option<u64>) -> Checkpoint {
@@ -655,6 +660,59 @@ impl Gate {
         }
     }
 
+    /// Counts one WASI call of the guest (every one, so both replicas count alike).
+    pub fn host_call(&mut self) {
+        self.host_calls += 1;
+    }
+
+    /// The current WASI call failed on the host's file system with `errno`: record it, or check
+    /// that the recording's host failed the same call the same way. The disk is replicated
+    /// state, so the hosts must agree; one whose disk fails differently (full, broken) stops at
+    /// the call, not at the next checkpoint, and so never goes live with a disk that differs.
+    pub fn host_error(&mut self, errno: u16) -> Result<(), VmError> {
+        let call = self.host_calls;
+        let name = crate::wasi::errno::name;
+        match &mut self.mode {
+            Mode::Record { .. } => self.append(Entry::HostError { call, errno })?,
+            Mode::Replay { .. } => match self.next_replayed(EntryKind::HostError)? {
+                Some(Entry::HostError {
+                    call: c,
+                    errno: logged,
+                }) if c == call && logged == errno => {}
+                Some(Entry::HostError {
+                    call: c,
+                    errno: logged,
+                }) if c == call => {
+                    return Err(self.diverged(format!(
+                        "disk call {call} failed with {} here and with {} in the recording",
+                        name(errno),
+                        name(logged)
+                    )))
+                }
+                Some(Entry::HostError {
+                    call: c,
+                    errno: logged,
+                }) if c < call => {
+                    return Err(self.diverged(format!(
+                        "disk call {c} failed with {} in the recording and succeeded here: the \
+                         replicas' disks differ",
+                        name(logged)
+                    )))
+                }
+                Some(_) => {
+                    return Err(self.diverged(format!(
+                        "disk call {call} failed with {} here and succeeded in the recording: \
+                         the replicas' disks differ",
+                        name(errno)
+                    )))
+                }
+                None => return self.host_error(errno),
+            },
+        }
+        self.events += 1;
+        Ok(())
+    }
+
     /// Records an operator power-off that ended the VM between gate points (at its end).
     pub fn power_off(&mut self) -> Result<(), VmError> {
         if let Mode::Record { sink, .. } = &mut self.mode {
@@ -714,6 +772,13 @@ impl Gate {
     }
 
     fn kind_mismatch(&self, want: EntryKind, got: &Entry) -> VmError {
+        if let Entry::HostError { call, errno } = got {
+            return self.diverged(format!(
+                "disk call {call} failed with {} in the recording and succeeded here (the guest \
+                 then asked for a {want}): the replicas' disks differ",
+                crate::wasi::errno::name(*errno)
+            ));
+        }
         self.diverged(format!(
             "the guest asked for a {want}, the log has a {} ({})",
             got.kind(),
@@ -727,6 +792,27 @@ impl Gate {
             event: self.events,
             what,
         }
+    }
+}
+
+/// Writes every entry to two sinks: the log channel and a file, say, for a later debugging replay.
+pub struct TeeSink(pub Box<dyn LogSink>, pub Box<dyn LogSink>);
+
+impl LogSink for TeeSink {
+    fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
+        self.0.append(seq, entry)?;
+        self.1.append(seq, entry)
+    }
+    fn flush(&mut self) -> Result<(), VmError> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+    fn idle(&mut self) -> Result<(), VmError> {
+        self.0.idle()?;
+        self.1.idle()
+    }
+    fn pace(&mut self) -> Duration {
+        self.0.pace().max(self.1.pace())
     }
 }
 
@@ -832,6 +918,65 @@ mod tests {
     }
 
     #[test]
+    fn host_disk_errors_must_happen_alike_on_the_replayer() {
+        use crate::wasi::errno::{IO, NOSPC};
+        let sink = Shared::default();
+        let mut rec = Gate::record(
+            Box::new(sink.clone()),
+            World::new(None, None),
+            Box::new(DropOutputs),
+            0,
+        );
+        rec.host_call();
+        rec.host_call();
+        rec.host_error(NOSPC).unwrap();
+        rec.host_call();
+        rec.clock(CLOCK_MONOTONIC).unwrap();
+        let log = sink.0.lock().unwrap().clone();
+        let recorded = Entry::HostError {
+            call: 2,
+            errno: NOSPC,
+        };
+        assert_eq!(log[0].1, recorded);
+        let at_call = |n: u64| {
+            let mut rep = Gate::replay(
+                Box::new(VecSource(log.clone().into_iter())),
+                None,
+                Box::new(DropOutputs),
+                0,
+            );
+            for _ in 0..n {
+                rep.host_call();
+            }
+            rep
+        };
+        let says = |err: VmError, what: &str| {
+            assert!(matches!(err, VmError::Divergence { .. }), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        };
+        // The same failure at the same call: replays on.
+        let mut rep = at_call(2);
+        rep.host_error(NOSPC).unwrap();
+        rep.host_call();
+        rep.clock(CLOCK_MONOTONIC).unwrap();
+        // Another errno at that call.
+        says(
+            at_call(2).host_error(IO).unwrap_err(),
+            "disk call 2 failed with EIO here and with ENOSPC",
+        );
+        // The replayer's call 2 succeeded: its next request, or its next failure, meets the
+        // recorded one.
+        let in_recording = "disk call 2 failed with ENOSPC in the recording and succeeded here";
+        says(at_call(3).clock(CLOCK_MONOTONIC).unwrap_err(), in_recording);
+        says(at_call(3).host_error(NOSPC).unwrap_err(), in_recording);
+        // The replayer's call 1 failed where the recording's succeeded.
+        says(
+            at_call(1).host_error(NOSPC).unwrap_err(),
+            "disk call 1 failed with ENOSPC here and succeeded in the recording",
+        );
+    }
+
+    #[test]
     fn different_outputs_fail_the_checkpoint() {
         let sink = Shared::default();
         let mut rec = Gate::record(
@@ -913,26 +1058,5 @@ mod tests {
             2,
             "the new primary's log continues the sequence"
         );
-    }
-}
-
-/// Writes every entry to two sinks: the log channel and a file, say, for a later debugging replay.
-pub struct TeeSink(pub Box<dyn LogSink>, pub Box<dyn LogSink>);
-
-impl LogSink for TeeSink {
-    fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
-        self.0.append(seq, entry)?;
-        self.1.append(seq, entry)
-    }
-    fn flush(&mut self) -> Result<(), VmError> {
-        self.0.flush()?;
-        self.1.flush()
-    }
-    fn idle(&mut self) -> Result<(), VmError> {
-        self.0.idle()?;
-        self.1.idle()
-    }
-    fn pace(&mut self) -> Duration {
-        self.0.pace().max(self.1.pace())
     }
 }

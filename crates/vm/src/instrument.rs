@@ -96,7 +96,7 @@ fn try_export(bytes: &[u8]) -> Result<Option<Vec<u8>>, String> {
     if missing.is_empty() {
         return Ok(None);
     }
-    let Some(&(_, ref export_body)) = sections.iter().find(|(id, _)| *id == SECTION_EXPORT) else {
+    let Some((_, export_body)) = sections.iter().find(|(id, _)| *id == SECTION_EXPORT) else {
         return Ok(None);
     };
     // Second pass: copy, replacing the export section.

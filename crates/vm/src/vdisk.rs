@@ -16,8 +16,14 @@
 //!   symlink found while resolving a path is refused with `EPERM` (it could point outside the disk
 //!   or at different things on different hosts). Paths cannot leave the preopen (`..` past its root
 //!   is `ENOTCAPABLE`).
-//! - **Disk errors** the host reports (a full disk, say) are passed to the guest as errno. If the
-//!   two replicas' disks fail differently, the next checkpoint reports a divergence.
+//! - **Disk errors** the host reports (a full disk, say) are inputs from the host like any other:
+//!   each passes the gate (`Gate::host_error`, a `HostError` log entry naming the guest's WASI
+//!   call) before the guest sees its errno. A replica whose disk fails a call differently from
+//!   the recording (fails where it succeeded, succeeds where it failed, another errno) stops
+//!   with a divergence at that call, or, when its own call succeeded, at its next gate request:
+//!   in any case before it consumes another log entry, so a backup never goes live with a disk
+//!   that differs. A debugging replay of a recorded failure needs a disk that fails alike (an
+//!   equally full one).
 //!
 //! The metadata the disk keeps (timestamps) is plain, serializable data (`DiskMeta`).
 

@@ -119,9 +119,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     Shared::vm_finished(&shared);
     drop(vm);
     let driver_result = driver_thread.join().expect("driver thread");
-    if let Err(halt) = driver_result {
-        return Err(halt);
-    }
+    driver_result?;
     match outcome {
         Ok(VmOutcome::PoweredOff) => eprintln!("ftvm: the VM was powered off"),
         Ok(VmOutcome::Exited(c)) => eprintln!("ftvm: guest exited with {c}"),
@@ -634,7 +632,7 @@ impl Shared {
 
     /// A record, flush or output from the VM thread. Blocks while the link is stalled or the
     /// Output Rule's buffer is full: the paper's stalled primary.
-    fn from_vm(&self, item: ToDriver) -> Result<(), VmError> {
+    fn take_from_vm(&self, item: ToDriver) -> Result<(), VmError> {
         let mut d = self.lock();
         while !d.accept_vm() {
             if d.vm_done {
@@ -756,10 +754,10 @@ impl ftvm_vm::LogSink for DirectSink {
             eprintln!("ftvm: test hook: corrupted log record {seq}");
         }
         let bytes = self.scratch.clone();
-        self.shared.from_vm(ToDriver::Record { seq, bytes })
+        self.shared.take_from_vm(ToDriver::Record { seq, bytes })
     }
     fn flush(&mut self) -> Result<(), VmError> {
-        self.shared.from_vm(ToDriver::Flush)
+        self.shared.take_from_vm(ToDriver::Flush)
     }
     fn pace(&mut self) -> Duration {
         ftvm_vm::channel::pace_pause(&self.pacing, &mut self.last_pace)
@@ -773,7 +771,7 @@ struct DirectOutputs {
 
 impl ftvm_vm::OutputPort for DirectOutputs {
     fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
-        self.shared.from_vm(ToDriver::Output { seq, output })
+        self.shared.take_from_vm(ToDriver::Output { seq, output })
     }
 }
 

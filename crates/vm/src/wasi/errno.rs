@@ -39,6 +39,49 @@ pub const TIMEDOUT: Errno = 73;
 pub const XDEV: Errno = 75;
 pub const NOTCAPABLE: Errno = 76;
 
+/// The POSIX name of an errno we hand out, for messages ("errno 51" says little).
+pub fn name(e: Errno) -> &'static str {
+    match e {
+        SUCCESS => "success",
+        TOOBIG => "E2BIG",
+        ACCES => "EACCES",
+        ADDRINUSE => "EADDRINUSE",
+        AGAIN => "EAGAIN",
+        BADF => "EBADF",
+        BUSY => "EBUSY",
+        CONNRESET => "ECONNRESET",
+        DQUOT => "EDQUOT",
+        EXIST => "EEXIST",
+        FAULT => "EFAULT",
+        FBIG => "EFBIG",
+        INVAL => "EINVAL",
+        IO => "EIO",
+        ISDIR => "EISDIR",
+        LOOP => "ELOOP",
+        MFILE => "EMFILE",
+        NAMETOOLONG => "ENAMETOOLONG",
+        NOBUFS => "ENOBUFS",
+        NOENT => "ENOENT",
+        NOMEM => "ENOMEM",
+        NOSPC => "ENOSPC",
+        NOSYS => "ENOSYS",
+        NOTCONN => "ENOTCONN",
+        NOTDIR => "ENOTDIR",
+        NOTEMPTY => "ENOTEMPTY",
+        NOTSOCK => "ENOTSOCK",
+        NOTSUP => "ENOTSUP",
+        OVERFLOW => "EOVERFLOW",
+        PERM => "EPERM",
+        PIPE => "EPIPE",
+        ROFS => "EROFS",
+        SPIPE => "ESPIPE",
+        TIMEDOUT => "ETIMEDOUT",
+        XDEV => "EXDEV",
+        NOTCAPABLE => "ENOTCAPABLE",
+        _ => "an errno",
+    }
+}
+
 /// Maps a host I/O error on the virtual disk to the errno the guest sees.
 pub fn from_io(err: &std::io::Error) -> Errno {
     match err.raw_os_error() {

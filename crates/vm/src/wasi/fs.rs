@@ -98,7 +98,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
                 1 => *pos as i128,
                 2 => handle(&mut host.disk, entry)?
                     .metadata()
-                    .map_err(|e| errno::from_io(&e))?
+                    .map_err(super::host_err)?
                     .len() as i128,
                 _ => return Err(errno::INVAL.into()),
             };
@@ -220,7 +220,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             return Err(errno::BADF.into());
         };
         let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
-        file.set_len(size as u64).map_err(|e| errno::from_io(&e))?;
+        file.set_len(size as u64).map_err(super::host_err)?;
         host.disk.touch(*root, rel, now);
         Ok(())
     });
@@ -231,9 +231,9 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             let (_, host) = split(&mut c);
             let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
             let want = (offset as u64).saturating_add(len as u64);
-            let have = file.metadata().map_err(|e| errno::from_io(&e))?.len();
+            let have = file.metadata().map_err(super::host_err)?.len();
             if want > have {
-                file.set_len(want).map_err(|e| errno::from_io(&e))?;
+                file.set_len(want).map_err(super::host_err)?;
             }
             Ok(())
         }
@@ -338,8 +338,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         |c, dirfd: i32, path: i32, len: i32| {
             let (mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-            std::fs::create_dir(host.disk.host_path(root, &rel)?)
-                .map_err(|e| errno::from_io(&e))?;
+            std::fs::create_dir(host.disk.host_path(root, &rel)?).map_err(super::host_err)?;
             let now = host.gate.realtime_ns();
             host.disk.touch(root, &rel, now);
             Ok(())
@@ -354,8 +353,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             if rel.is_empty() {
                 return Err(errno::BUSY.into());
             }
-            std::fs::remove_dir(host.disk.host_path(root, &rel)?)
-                .map_err(|e| errno::from_io(&e))?;
+            std::fs::remove_dir(host.disk.host_path(root, &rel)?).map_err(super::host_err)?;
             host.disk.forget(root, &rel);
             Ok(())
         }
@@ -368,12 +366,12 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
             let host_path = host.disk.host_path(root, &rel)?;
             if std::fs::symlink_metadata(&host_path)
-                .map_err(|e| errno::from_io(&e))?
+                .map_err(super::host_err)?
                 .is_dir()
             {
                 return Err(errno::ISDIR.into());
             }
-            std::fs::remove_file(host_path).map_err(|e| errno::from_io(&e))?;
+            std::fs::remove_file(host_path).map_err(super::host_err)?;
             host.disk.forget(root, &rel);
             Ok(())
         }
@@ -392,7 +390,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
                 host.disk.host_path(r1, &from)?,
                 host.disk.host_path(r2, &to)?,
             )
-            .map_err(|e| errno::from_io(&e))?;
+            .map_err(super::host_err)?;
             host.disk.renamed(r1, &from, r2, &to);
             Ok(())
         }
@@ -436,7 +434,7 @@ fn seek_errno(kind: &FdKind) -> Errno {
 }
 
 /// The host file behind a file descriptor, opened on first use (or after a restore).
-fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> Result<Arc<File>, Errno> {
+fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
     let FdKind::File {
         root,
         rel,
@@ -448,7 +446,8 @@ fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> Result<Arc<File>, Errno> {
         return Err(match entry.kind {
             FdKind::Dir { .. } => errno::ISDIR,
             _ => errno::BADF,
-        });
+        }
+        .into());
     };
     if let Some(h) = handle {
         return Ok(h.clone());
@@ -457,7 +456,7 @@ fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> Result<Arc<File>, Errno> {
         .read(true)
         .write(*write)
         .open(disk.host_path(*root, rel)?)
-        .map_err(|e| errno::from_io(&e))?;
+        .map_err(super::host_err)?;
     let file = Arc::new(file);
     *handle = Some(file.clone());
     Ok(file)
@@ -494,11 +493,10 @@ fn fd_write(
             };
             let offset = match at {
                 Some(o) => o,
-                None if append => file.metadata().map_err(|e| errno::from_io(&e))?.len(),
+                None if append => file.metadata().map_err(super::host_err)?.len(),
                 None => *pos,
             };
-            file.write_all_at(&data, offset)
-                .map_err(|e| errno::from_io(&e))?;
+            file.write_all_at(&data, offset).map_err(super::host_err)?;
             if at.is_none() {
                 *pos = offset + data.len() as u64;
             }
@@ -549,7 +547,7 @@ fn fd_read(
                     Ok(0) => break,
                     Ok(k) => got += k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(errno::from_io(&e).into()),
+                    Err(e) => return Err(super::host_err(e)),
                 }
             }
             buf.truncate(got);
@@ -574,7 +572,7 @@ fn sync(c: &mut Caller<'_, Host>, fd: u32) -> HostResult<()> {
     }
     handle(&mut host.disk, entry)?
         .sync_all()
-        .map_err(|e| errno::from_io(&e))?;
+        .map_err(super::host_err)?;
     Ok(())
 }
 
@@ -625,9 +623,8 @@ struct Stat {
     time: u64,
 }
 
-fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> Result<Stat, Errno> {
-    let meta =
-        std::fs::symlink_metadata(disk.host_path(root, rel)?).map_err(|e| errno::from_io(&e))?;
+fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> HostResult<Stat> {
+    let meta = std::fs::symlink_metadata(disk.host_path(root, rel)?).map_err(super::host_err)?;
     let ft = meta.file_type();
     let (filetype, size) = if ft.is_dir() {
         (3, 0)
@@ -722,13 +719,13 @@ fn path_open(
                 .create(true)
                 .truncate(false)
                 .open(&host_path)
-                .map_err(|e| errno::from_io(&e))?;
+                .map_err(super::host_err)?;
             OpenOptions::new()
                 .read(true)
                 .open(&host_path)
-                .map_err(|e| errno::from_io(&e))?
+                .map_err(super::host_err)?
         }
-        Err(e) => return Err(errno::from_io(&e).into()),
+        Err(e) => return Err(super::host_err(e)),
     };
     if existing.is_none() || oflags & OFLAG_TRUNC != 0 {
         let now = host.gate.realtime_ns();
@@ -761,9 +758,9 @@ fn fd_readdir(
     };
     let dir = host.disk.host_path(root, &rel)?;
     let mut names: Vec<(String, u8)> = Vec::new();
-    for item in std::fs::read_dir(&dir).map_err(|e| errno::from_io(&e))? {
-        let item = item.map_err(|e| errno::from_io(&e))?;
-        let ft = item.file_type().map_err(|e| errno::from_io(&e))?;
+    for item in std::fs::read_dir(&dir).map_err(super::host_err)? {
+        let item = item.map_err(super::host_err)?;
+        let ft = item.file_type().map_err(super::host_err)?;
         let kind = if ft.is_dir() {
             3
         } else if ft.is_file() {
