@@ -4,11 +4,14 @@
 # driven by `redis-benchmark -t set -c 50` in the lab. Prints throughput, CPU µs per request and,
 # per request, the µs under the code paths that differ (inclusive: a path's callees count).
 # Usage: scripts/profile-ft.sh [SECONDS]     (root; run scripts/setup.sh first; installs linux-perf)
+#        CAP_CPU=0.5 scripts/profile-ft.sh ...  (the server process, in both, capped to 0.5 CPU by a
+#                                                cgroup CFS quota, as in bench-kv.sh's capped runs)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
 G="$REPO/guests/build"
 SECS="${1:-5}"
+CAP_CPU="${CAP_CPU:-0}"
 LAB=pft
 S=64
 VM=198.18.$S.50
@@ -16,12 +19,24 @@ HA=198.18.$S.11
 MAC=02:f7:00:00:40:50
 TMP="$(mktemp -d)"
 PIDS=()
+CG=/sys/fs/cgroup/cpu/ftvm-profile-$LAB
+cap() { [[ "$CAP_CPU" != 0 ]] && echo "$1" >"$CG/cgroup.procs" || true; }
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    if [[ -d "$CG" ]]; then
+        for p in $(cat "$CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
+        rmdir "$CG" 2>/dev/null || true
+    fi
     "$F" lab down --name $LAB >/dev/null 2>&1 || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+if [[ "$CAP_CPU" != 0 ]]; then
+    [[ -d /sys/fs/cgroup/cpu ]] || { echo "no cgroup v1 cpu controller: run with CAP_CPU=0" >&2; exit 1; }
+    mkdir -p "$CG"
+    echo 10000 >"$CG/cpu.cfs_period_us"
+    echo "$(python3 -c "print(int($CAP_CPU * 10000))")" >"$CG/cpu.cfs_quota_us"
+fi
 if ! command -v perf >/dev/null; then
     echo "[profile] installing Debian's linux-perf" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
@@ -70,11 +85,19 @@ profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s
                 sub(/%/, "", $1); printf "    %-28s %5.2f µs (%s%%)\n", sym, $1 * per / 100, $1
             }
         }'
+    # Self time of the scheduler's switch and wake-up paths: with cpu-clock sampling, time with
+    # interrupts off is counted where they come back on, at the end of a context switch
+    # (finish_task_switch) or of a wake-up (_raw_spin_unlock_irqrestore).
+    perf report -i "$TMP/$1.data" --stdio --no-children -g none --sort sym 2>/dev/null |
+        awk -v per="$per" '$1 ~ /%$/ && $NF ~ /^(finish_task_switch.isra.0|_raw_spin_unlock_irqrestore)$/ {
+            sub(/%/, "", $1); s += $1
+        } END { printf "    %-28s %5.2f µs (%.2f%%)\n", "switches+wake-ups, self", s * per / 100, s }'
 }
 ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
     >/dev/null 2>&1 &
 p=$!
 PIDS+=($p)
+cap $p
 wait_port
 profile run $p
 kill $p
@@ -83,6 +106,7 @@ ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:740
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 pa=$!
 PIDS+=($pa)
+cap $pa
 ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 PIDS+=($!)
