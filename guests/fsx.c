@@ -209,9 +209,46 @@ static void counter(const char *base)
     printf("counter=%ld\n", value);
 }
 
+/* `fsx DIR fill`: write DIR/fill.bin in chunks of 100000 bytes until the disk refuses (at most
+ * 64 chunks), printing what each write(2) returned: on a disk that fills up, a short write and
+ * then ENOSPC. Then read the file back. */
+static int fill(const char *base)
+{
+    static char chunk[100000];
+    char path[600];
+    snprintf(path, sizeof path, "%s/fill.bin", base);
+    for (size_t i = 0; i < sizeof chunk; i++)
+        chunk[i] = (char)(i * 7 + 1);
+    int fd = open(path, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+    if (fd < 0) {
+        printf("fill: open %s\n", errname(errno));
+        return 1;
+    }
+    for (int i = 0; i < 64; i++) {
+        ssize_t w = write(fd, chunk, sizeof chunk);
+        if (w < 0) {
+            printf("fill: write %d: %s\n", i, errname(errno));
+            break;
+        }
+        printf("fill: write %d: %zd bytes\n", i, w);
+    }
+    close(fd);
+    fd = open(path, O_RDONLY);
+    if (fd < 0) {
+        printf("fill: reopen %s\n", errname(errno));
+        return 1;
+    }
+    long n = read_rest(fd);
+    close(fd);
+    printf("fill: read back %ld bytes, checksum=%016" PRIx64 "\n", n, checksum);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *base = argc > 1 ? argv[1] : "/data";
+    if (argc > 2 && strcmp(argv[2], "fill") == 0)
+        return fill(base);
     char work[512], a[600], b[600], sub[600], renamed[700], link[600], path[700];
     snprintf(work, sizeof work, "%s/fsx.tmp", base);
     snprintf(a, sizeof a, "%s/a.txt", work);

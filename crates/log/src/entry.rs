@@ -51,10 +51,13 @@ pub enum Entry {
     Exit { code: u32 },
     /// The guest trapped; the message is for humans and is not compared.
     Trap { message: String },
-    /// The guest's host call number `call` (counting every WASI call from the start) failed on
-    /// the host's file system with this (WASI) errno. The disk is replicated state, so a
-    /// replayer's host must fail the same call the same way.
-    HostError { call: u64, errno: u16 },
+    /// Disk operation `op` (from 0) of the guest's WASI call number `call` (counting every call
+    /// from 1) failed on the host's file system with this (WASI) errno, having done nothing. A
+    /// replayer fails it the same way without asking its own disk, so the disks stay alike.
+    HostError { call: u64, op: u32, errno: u16 },
+    /// The same operation, a write, wrote only `done` bytes (the disk filled up): a replayer
+    /// writes exactly as many.
+    HostShort { call: u64, op: u32, done: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +87,7 @@ pub enum EntryKind {
     Exit,
     Trap,
     HostError,
+    HostShort,
 }
 
 impl std::fmt::Display for EntryKind {
@@ -97,6 +101,7 @@ impl std::fmt::Display for EntryKind {
             EntryKind::Exit => "guest exit",
             EntryKind::Trap => "guest trap",
             EntryKind::HostError => "host disk error",
+            EntryKind::HostShort => "short disk write",
         };
         f.write_str(name)
     }
@@ -110,6 +115,7 @@ const TAG_CONTROL: u8 = 5;
 const TAG_EXIT: u8 = 6;
 const TAG_TRAP: u8 = 7;
 const TAG_HOST_ERROR: u8 = 8;
+const TAG_HOST_SHORT: u8 = 9;
 
 const CONTROL_POWER_OFF: u8 = 1;
 
@@ -124,6 +130,7 @@ impl Entry {
             Entry::Exit { .. } => EntryKind::Exit,
             Entry::Trap { .. } => EntryKind::Trap,
             Entry::HostError { .. } => EntryKind::HostError,
+            Entry::HostShort { .. } => EntryKind::HostShort,
         }
     }
 
@@ -190,10 +197,17 @@ impl Entry {
                 out.push(TAG_TRAP);
                 put_bytes(out, message.as_bytes());
             }
-            Entry::HostError { call, errno } => {
+            Entry::HostError { call, op, errno } => {
                 out.push(TAG_HOST_ERROR);
                 out.extend_from_slice(&call.to_le_bytes());
+                out.extend_from_slice(&op.to_le_bytes());
                 out.extend_from_slice(&errno.to_le_bytes());
+            }
+            Entry::HostShort { call, op, done } => {
+                out.push(TAG_HOST_SHORT);
+                out.extend_from_slice(&call.to_le_bytes());
+                out.extend_from_slice(&op.to_le_bytes());
+                out.extend_from_slice(&done.to_le_bytes());
             }
         }
     }
@@ -264,7 +278,13 @@ impl Entry {
             }
             TAG_HOST_ERROR => Entry::HostError {
                 call: r.u64()?,
+                op: r.u32()?,
                 errno: r.u16()?,
+            },
+            TAG_HOST_SHORT => Entry::HostShort {
+                call: r.u64()?,
+                op: r.u32()?,
+                done: r.u64()?,
             },
             other => return Err(r.bad(format!("unknown entry tag {other}"))),
         };
@@ -300,8 +320,11 @@ impl Entry {
             Entry::Control(op) => format!("control {op:?}"),
             Entry::Exit { code } => format!("exit code={code}"),
             Entry::Trap { message } => format!("trap {message:?}"),
-            Entry::HostError { call, errno } => {
-                format!("host disk error call={call} errno={errno}")
+            Entry::HostError { call, op, errno } => {
+                format!("host disk error call={call} op={op} errno={errno}")
+            }
+            Entry::HostShort { call, op, done } => {
+                format!("short disk write call={call} op={op} done={done}")
             }
         }
     }

@@ -28,8 +28,8 @@ pub use entry::{Checkpoint, ControlOp, Entry, EntryKind, ENTRY_BYTES_MAX, ENTRY_
 pub use spec::{Limits, NicSpec, VmSpec};
 
 pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
-/// 2: `HostError` entries (host disk errors are gate inputs), which a version-1 log lacks even
-/// where its guest met one.
+/// 2: `HostError` and `HostShort` entries (what the host's disk did not do is a gate input),
+/// which a version-1 log lacks even where its guest met a disk error.
 pub const FORMAT_VERSION: u32 = 2;
 /// Largest JSON header we accept.
 pub const HEADER_BYTES_MAX: usize = 1 << 20;
@@ -314,7 +314,16 @@ mod tests {
             Entry::Trap {
                 message: "unreachable".into(),
             },
-            Entry::HostError { call: 7, errno: 51 },
+            Entry::HostError {
+                call: 7,
+                op: 1,
+                errno: 51,
+            },
+            Entry::HostShort {
+                call: 9,
+                op: 0,
+                done: 4096,
+            },
             Entry::Exit { code: 3 },
         ]
     }

@@ -316,8 +316,16 @@ pub struct Gate {
     seq: u64,
     /// Gate events so far (checkpoints not counted).
     events: u64,
-    /// The guest's WASI calls so far: names the call a host disk error belongs to.
+    /// The guest's WASI calls so far (the current one included): with `disk_ops`, names the disk
+    /// operation a `HostError`/`HostShort` entry belongs to.
     host_calls: u64,
+    /// Disk operations of the current WASI call so far.
+    disk_ops: u32,
+    /// Replay: the next entry, read ahead to see whether the recording's disk failed the
+    /// operation about to run.
+    lookahead: Option<(u64, Entry)>,
+    /// Replay without a `ReplayEnd`: the log ended during a look-ahead; the next request fails.
+    source_ended: bool,
     checkpoint_events: u64,
     digest: blake3::Hasher,
     output_bytes: u64,
@@ -358,6 +366,9 @@ impl Gate {
             seq: 0,
             events: 0,
             host_calls: 0,
+            disk_ops: 0,
+            lookahead: None,
+            source_ended: false,
             checkpoint_events,
             digest: blake3::Hasher::new(),
             output_bytes: 0,
@@ -660,55 +671,143 @@ impl Gate {
         }
     }
 
-    /// Counts one WASI call of the guest (every one, so both replicas count alike).
+    /// A WASI call of the guest begins (every one, so both replicas count alike).
     pub fn host_call(&mut self) {
         self.host_calls += 1;
+        self.disk_ops = 0;
     }
 
-    /// The current WASI call failed on the host's file system with `errno`: record it, or check
-    /// that the recording's host failed the same call the same way. The disk is replicated
-    /// state, so the hosts must agree; one whose disk fails differently (full, broken) stops at
-    /// the call, not at the next checkpoint, and so never goes live with a disk that differs.
-    pub fn host_error(&mut self, errno: u16) -> Result<(), VmError> {
-        let call = self.host_calls;
-        let name = crate::wasi::errno::name;
-        match &mut self.mode {
-            Mode::Record { .. } => self.append(Entry::HostError { call, errno })?,
-            Mode::Replay { .. } => match self.next_replayed(EntryKind::HostError)? {
-                Some(Entry::HostError {
-                    call: c,
-                    errno: logged,
-                }) if c == call && logged == errno => {}
-                Some(Entry::HostError {
-                    call: c,
-                    errno: logged,
-                }) if c == call => {
-                    return Err(self.diverged(format!(
-                        "disk call {call} failed with {} here and with {} in the recording",
-                        name(errno),
-                        name(logged)
-                    )))
-                }
-                Some(Entry::HostError {
-                    call: c,
-                    errno: logged,
-                }) if c < call => {
-                    return Err(self.diverged(format!(
-                        "disk call {c} failed with {} in the recording and succeeded here: the \
-                         replicas' disks differ",
-                        name(logged)
-                    )))
-                }
-                Some(_) => {
-                    return Err(self.diverged(format!(
-                        "disk call {call} failed with {} here and succeeded in the recording: \
-                         the replicas' disks differ",
-                        name(errno)
-                    )))
-                }
-                None => return self.host_error(errno),
-            },
+    /// The next disk operation of the current call, and whether the recording's host did less
+    /// with it (replay only): its `HostError`/`HostShort` entry, consumed.
+    fn begin_disk_op(&mut self) -> Result<(u64, u32, Option<Entry>), VmError> {
+        let (call, op) = (self.host_calls, self.disk_ops);
+        self.disk_ops += 1;
+        if !self.is_replaying() || !self.fill_lookahead()? {
+            return Ok((call, op, None));
         }
+        let ours = matches!(
+            self.lookahead,
+            Some((_, Entry::HostError { call: c, op: o, .. } | Entry::HostShort { call: c, op: o, .. }))
+                if c == call && o == op
+        );
+        if !ours {
+            return Ok((call, op, None));
+        }
+        let (seq, entry) = self.lookahead.take().expect("looked ahead");
+        self.seq = seq;
+        self.events += 1;
+        Ok((call, op, Some(entry)))
+    }
+
+    /// One disk operation of the guest (open, stat, read, rename, ...: all or nothing), run by
+    /// `op`. Record: a failure is logged (`HostError`). Replay: if the recording's host failed
+    /// it, it fails the same way here without asking this host's disk, so the replicas' disks
+    /// stay alike; if it fails only here, that is a divergence: this replica cannot follow.
+    /// Returns the value or the errno for the guest.
+    pub fn disk_op<T>(
+        &mut self,
+        op: impl FnOnce() -> std::io::Result<T>,
+    ) -> Result<Result<T, u16>, VmError> {
+        let (call, index, recorded) = self.begin_disk_op()?;
+        match recorded {
+            Some(Entry::HostError { errno, .. }) => return Ok(Err(errno)),
+            Some(other) => {
+                return Err(self.diverged(format!(
+                "disk call {call} operation {index} is not a write here; the recording has a {}",
+                other.kind()
+            )))
+            }
+            None => {}
+        }
+        match op() {
+            Ok(v) => Ok(Ok(v)),
+            Err(e) => {
+                let errno = crate::wasi::errno::from_io(&e);
+                self.disk_failed(call, index, errno)?;
+                Ok(Err(errno))
+            }
+        }
+    }
+
+    /// The guest's write of `data` to a host file: `write(bytes, at)` writes a prefix of `bytes`
+    /// at offset `at` within `data`, as `pwrite` does, and is repeated until everything is
+    /// written. Returns the bytes written, fewer than asked when the disk took only part (a
+    /// short write, logged as `HostShort`; replay writes exactly as many), or the errno when it
+    /// took nothing (logged as `HostError`; replay does not write). A replica whose disk takes
+    /// less than the recording's diverges.
+    pub fn disk_write(
+        &mut self,
+        data: &[u8],
+        mut write: impl FnMut(&[u8], u64) -> std::io::Result<usize>,
+    ) -> Result<Result<usize, u16>, VmError> {
+        let (call, index, recorded) = self.begin_disk_op()?;
+        let target = match recorded {
+            Some(Entry::HostError { errno, .. }) => return Ok(Err(errno)),
+            Some(Entry::HostShort { done, .. }) if done < data.len() as u64 => done as usize,
+            Some(other) => {
+                return Err(self.diverged(format!(
+                    "disk call {call} operation {index} writes {} bytes here; the recording has \
+                     a {} ({})",
+                    data.len(),
+                    other.kind(),
+                    other.summary()
+                )))
+            }
+            None => data.len(),
+        };
+        let mut done = 0;
+        let mut failure = None;
+        while done < target {
+            match write(&data[done..target], done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n.min(target - done),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failure = Some(crate::wasi::errno::from_io(&e));
+                    break;
+                }
+            }
+        }
+        if done == target {
+            return Ok(Ok(done));
+        }
+        let errno = failure.unwrap_or(crate::wasi::errno::NOSPC);
+        if self.is_replaying() {
+            return Err(self.diverged(format!(
+                "disk call {call} operation {index} wrote {done} of {target} bytes here ({}); the \
+                 recording's host wrote all {target}: the replicas' disks differ",
+                crate::wasi::errno::name(errno)
+            )));
+        }
+        if done == 0 {
+            self.append(Entry::HostError {
+                call,
+                op: index,
+                errno,
+            })?;
+            self.events += 1;
+            return Ok(Err(errno));
+        }
+        self.append(Entry::HostShort {
+            call,
+            op: index,
+            done: done as u64,
+        })?;
+        self.events += 1;
+        Ok(Ok(done))
+    }
+
+    /// A disk operation failed on this host: logged when recording, a divergence in replay (the
+    /// recording's host did it).
+    fn disk_failed(&mut self, call: u64, op: u32, errno: u16) -> Result<(), VmError> {
+        if self.is_replaying() {
+            return Err(self.diverged(format!(
+                "disk call {call} operation {op} failed with {} here and succeeded in the \
+                 recording: the replicas' disks differ",
+                crate::wasi::errno::name(errno)
+            )));
+        }
+        self.append(Entry::HostError { call, op, errno })?;
         self.events += 1;
         Ok(())
     }
@@ -732,8 +831,32 @@ impl Gate {
     /// Reads the next entry in replay. `Ok(None)` means the log ended and the gate went live: the
     /// caller must redo its request in record mode.
     fn next_replayed(&mut self, want: EntryKind) -> Result<Option<Entry>, VmError> {
+        if !self.fill_lookahead()? {
+            if self.is_replaying() {
+                return Err(VmError::LogEnded(format!(
+                    "the log ends after entry {} (event {}) while the guest asked for a {want}; \
+                     everything up to there replayed identically",
+                    self.seq, self.events
+                )));
+            }
+            return Ok(None);
+        }
+        let (seq, entry) = self.lookahead.take().expect("looked ahead");
+        self.seq = seq;
+        Ok(Some(entry))
+    }
+
+    /// Makes `lookahead` hold the next entry. False at the log's end: then a backup has gone
+    /// live here (the gate records from now on), and a plain replay remembers the end.
+    fn fill_lookahead(&mut self) -> Result<bool, VmError> {
+        if self.lookahead.is_some() {
+            return Ok(true);
+        }
+        if self.source_ended {
+            return Ok(false);
+        }
         let Mode::Replay { source, end } = &mut self.mode else {
-            unreachable!("next_replayed in record mode")
+            unreachable!("fill_lookahead in record mode")
         };
         match source.next_entry()? {
             Some((seq, entry)) => {
@@ -743,8 +866,8 @@ impl Gate {
                         self.seq
                     )));
                 }
-                self.seq = seq;
-                Ok(Some(entry))
+                self.lookahead = Some((seq, entry));
+                Ok(true)
             }
             None => {
                 let go_live = match end {
@@ -752,11 +875,8 @@ impl Gate {
                     None => None,
                 };
                 let Some(mut live) = go_live else {
-                    return Err(VmError::LogEnded(format!(
-                        "the log ends after entry {} (event {}) while the guest asked for a {want}; \
-                         everything up to there replayed identically",
-                        self.seq, self.events
-                    )));
+                    self.source_ended = true;
+                    return Ok(false);
                 };
                 live.world.continue_from(self.last_mono_ns);
                 self.went_live_at = Some(self.seq);
@@ -766,18 +886,28 @@ impl Gate {
                     sink: live.sink,
                     world: live.world,
                 };
-                Ok(None)
+                Ok(false)
             }
         }
     }
 
     fn kind_mismatch(&self, want: EntryKind, got: &Entry) -> VmError {
-        if let Entry::HostError { call, errno } = got {
-            return self.diverged(format!(
-                "disk call {call} failed with {} in the recording and succeeded here (the guest \
-                 then asked for a {want}): the replicas' disks differ",
-                crate::wasi::errno::name(*errno)
-            ));
+        match got {
+            Entry::HostError { call, op, errno } => {
+                return self.diverged(format!(
+                    "disk call {call} operation {op} failed with {} in the recording, and this \
+                     replica never did it (the guest asked for a {want} instead)",
+                    crate::wasi::errno::name(*errno)
+                ))
+            }
+            Entry::HostShort { call, op, done } => {
+                return self.diverged(format!(
+                    "disk call {call} operation {op} was a short write ({done} bytes) in the \
+                     recording, and this replica never did it (the guest asked for a {want} \
+                     instead)"
+                ))
+            }
+            _ => {}
         }
         self.diverged(format!(
             "the guest asked for a {want}, the log has a {} ({})",
@@ -918,8 +1048,9 @@ mod tests {
     }
 
     #[test]
-    fn host_disk_errors_must_happen_alike_on_the_replayer() {
-        use crate::wasi::errno::{IO, NOSPC};
+    fn what_a_disk_did_not_do_is_logged_and_mirrored_in_replay() {
+        use crate::wasi::errno::NOSPC;
+        let full = || std::io::Error::from_raw_os_error(libc::ENOSPC);
         let sink = Shared::default();
         let mut rec = Gate::record(
             Box::new(sink.clone()),
@@ -928,51 +1059,100 @@ mod tests {
             0,
         );
         rec.host_call();
+        assert_eq!(rec.disk_op(|| Ok(7)).unwrap(), Ok(7));
         rec.host_call();
-        rec.host_error(NOSPC).unwrap();
+        assert_eq!(rec.disk_op(|| Err::<(), _>(full())).unwrap(), Err(NOSPC));
+        // A write the disk takes 4 bytes of, then refuses.
+        let mut took = 0;
+        let short = rec.disk_write(&[1; 10], |b, _| {
+            if took >= 4 {
+                return Err(full());
+            }
+            took += b.len().min(4);
+            Ok(b.len().min(4))
+        });
+        assert_eq!(short.unwrap(), Ok(4));
         rec.host_call();
         rec.clock(CLOCK_MONOTONIC).unwrap();
-        let log = sink.0.lock().unwrap().clone();
-        let recorded = Entry::HostError {
-            call: 2,
-            errno: NOSPC,
-        };
-        assert_eq!(log[0].1, recorded);
-        let at_call = |n: u64| {
+        let log: Vec<Entry> = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect();
+        assert_eq!(
+            log[..2],
+            [
+                Entry::HostError {
+                    call: 2,
+                    op: 0,
+                    errno: NOSPC
+                },
+                Entry::HostShort {
+                    call: 2,
+                    op: 1,
+                    done: 4
+                }
+            ]
+        );
+        let replay = || {
             let mut rep = Gate::replay(
-                Box::new(VecSource(log.clone().into_iter())),
+                Box::new(VecSource(sink.0.lock().unwrap().clone().into_iter())),
                 None,
                 Box::new(DropOutputs),
                 0,
             );
-            for _ in 0..n {
-                rep.host_call();
-            }
+            rep.host_call();
             rep
         };
         let says = |err: VmError, what: &str| {
             assert!(matches!(err, VmError::Divergence { .. }), "{err}");
             assert!(err.to_string().contains(what), "{err}");
         };
-        // The same failure at the same call: replays on.
-        let mut rep = at_call(2);
-        rep.host_error(NOSPC).unwrap();
+        // A replayer whose disk would do everything does what the recording's did, no more.
+        let mut rep = replay();
+        assert_eq!(rep.disk_op(|| Ok(7)).unwrap(), Ok(7));
+        rep.host_call();
+        let mirrored = rep.disk_op(|| -> std::io::Result<()> { panic!("the failed op ran") });
+        assert_eq!(mirrored.unwrap(), Err(NOSPC));
+        let mut wrote = Vec::new();
+        let short = rep.disk_write(&[1; 10], |b, _| {
+            wrote.extend_from_slice(b);
+            Ok(b.len())
+        });
+        assert_eq!(short.unwrap(), Ok(4));
+        assert_eq!(
+            wrote.len(),
+            4,
+            "wrote exactly what the recording's disk took"
+        );
         rep.host_call();
         rep.clock(CLOCK_MONOTONIC).unwrap();
-        // Another errno at that call.
+        // Its disk fails where the recording's did not.
         says(
-            at_call(2).host_error(IO).unwrap_err(),
-            "disk call 2 failed with EIO here and with ENOSPC",
+            replay()
+                .disk_op(|| Err::<(), _>(std::io::Error::from_raw_os_error(libc::EIO)))
+                .unwrap_err(),
+            "disk call 1 operation 0 failed with EIO here and succeeded",
         );
-        // The replayer's call 2 succeeded: its next request, or its next failure, meets the
-        // recorded one.
-        let in_recording = "disk call 2 failed with ENOSPC in the recording and succeeded here";
-        says(at_call(3).clock(CLOCK_MONOTONIC).unwrap_err(), in_recording);
-        says(at_call(3).host_error(NOSPC).unwrap_err(), in_recording);
-        // The replayer's call 1 failed where the recording's succeeded.
+        // It never does the operation that failed.
+        let mut rep = replay();
+        rep.disk_op(|| Ok(7)).unwrap().unwrap();
+        rep.host_call();
         says(
-            at_call(1).host_error(NOSPC).unwrap_err(),
-            "disk call 1 failed with ENOSPC here and succeeded in the recording",
+            rep.clock(CLOCK_MONOTONIC).unwrap_err(),
+            "disk call 2 operation 0 failed with ENOSPC in the recording, and this replica never did it",
+        );
+        // Its disk takes less of the write than the recording's.
+        let mut rep = replay();
+        rep.disk_op(|| Ok(7)).unwrap().unwrap();
+        rep.host_call();
+        rep.disk_op(|| Ok(())).unwrap().unwrap_err();
+        says(
+            rep.disk_write(&[1; 10], |_, at| if at < 2 { Ok(2) } else { Err(full()) })
+                .unwrap_err(),
+            "disk call 2 operation 1 wrote 2 of 4 bytes here (ENOSPC)",
         );
     }
 

@@ -16,14 +16,18 @@
 //!   symlink found while resolving a path is refused with `EPERM` (it could point outside the disk
 //!   or at different things on different hosts). Paths cannot leave the preopen (`..` past its root
 //!   is `ENOTCAPABLE`).
-//! - **Disk errors** the host reports (a full disk, say) are inputs from the host like any other:
-//!   each passes the gate (`Gate::host_error`, a `HostError` log entry naming the guest's WASI
-//!   call) before the guest sees its errno. A replica whose disk fails a call differently from
-//!   the recording (fails where it succeeded, succeeds where it failed, another errno) stops
-//!   with a divergence at that call, or, when its own call succeeded, at its next gate request:
-//!   in any case before it consumes another log entry, so a backup never goes live with a disk
-//!   that differs. A debugging replay of a recorded failure needs a disk that fails alike (an
-//!   equally full one).
+//! - **What the host's disk does not do** is an input from the host like any other. Every host
+//!   file-system operation goes through the gate (`Gate::disk_op`, `Gate::disk_write`), named
+//!   by the guest's WASI call number and its index within the call. When recording, a failure
+//!   (the operation did nothing: every failing operation here is all-or-nothing) is logged as
+//!   `HostError` with its errno, and a write that a full disk took only part of as `HostShort`
+//!   with the bytes it took; the guest sees the errno or, as with write(2), the short count.
+//!   A replayer does the same without asking its own disk: it fails that operation with the
+//!   logged errno, or writes exactly the logged bytes. So the replicas' disks stay alike even
+//!   when only the primary's is full, and a recorded failure replays on any disk. A replayer
+//!   whose own disk does less than the recording's (fails where it succeeded, takes less of a
+//!   write) cannot follow and stops with a divergence at that operation: a backup never goes
+//!   live with a disk that differs.
 //!
 //! The metadata the disk keeps (timestamps) is plain, serializable data (`DiskMeta`).
 

@@ -338,3 +338,22 @@ impl Drop for Tmpfs {
             .status();
     }
 }
+
+/// Every path below `dir` (relative, sorted) with its file's bytes (`None` for a directory).
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+            if path.is_dir() {
+                all.insert(rel, None);
+                todo.push(path);
+            } else {
+                all.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    all
+}

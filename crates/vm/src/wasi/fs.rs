@@ -10,8 +10,9 @@ use super::errno::{self, Errno};
 use super::fd::{FdEntry, FdKind, FDFLAG_APPEND};
 use super::mem::GuestMem;
 use super::{
-    console_write, filetype_of, sock, split, wasi_fn, Host, HostResult, IO_BYTES_MAX, RIGHTS,
+    console_write, disk, filetype_of, sock, split, wasi_fn, Host, HostResult, IO_BYTES_MAX, RIGHTS,
 };
+use crate::gate::Gate;
 use crate::vdisk::VDisk;
 use crate::VmError;
 
@@ -96,10 +97,10 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             let base: i128 = match whence {
                 0 => 0,
                 1 => *pos as i128,
-                2 => handle(&mut host.disk, entry)?
-                    .metadata()
-                    .map_err(super::host_err)?
-                    .len() as i128,
+                2 => {
+                    let file = handle(&mut host.gate, &mut host.disk, entry)?;
+                    disk(host.gate.disk_op(|| file.metadata()))?.len() as i128
+                }
                 _ => return Err(errno::INVAL.into()),
             };
             let new = base + offset as i128;
@@ -196,7 +197,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         let entry = host.fds.get(fd as u32)?.clone();
         let stat = match &entry.kind {
             FdKind::File { root, rel, .. } | FdKind::Dir { root, rel, .. } => {
-                disk_stat(&host.disk, *root, rel)?
+                disk_stat(&mut host.gate, &host.disk, *root, rel)?
             }
             other => Stat {
                 filetype: filetype_of(other),
@@ -219,8 +220,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         else {
             return Err(errno::BADF.into());
         };
-        let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
-        file.set_len(size as u64).map_err(super::host_err)?;
+        let file = handle(&mut host.gate, &mut host.disk, host.fds.get_mut(fd as u32)?)?;
+        disk(host.gate.disk_op(|| file.set_len(size as u64)))?;
         host.disk.touch(*root, rel, now);
         Ok(())
     });
@@ -229,11 +230,11 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         "fd_allocate",
         |c, fd: i32, offset: i64, len: i64| {
             let (_, host) = split(&mut c);
-            let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
+            let file = handle(&mut host.gate, &mut host.disk, host.fds.get_mut(fd as u32)?)?;
             let want = (offset as u64).saturating_add(len as u64);
-            let have = file.metadata().map_err(super::host_err)?.len();
+            let have = disk(host.gate.disk_op(|| file.metadata()))?.len();
             if want > have {
-                file.set_len(want).map_err(super::host_err)?;
+                disk(host.gate.disk_op(|| file.set_len(want)))?;
             }
             Ok(())
         }
@@ -317,7 +318,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         |c, dirfd: i32, _flags: i32, path: i32, len: i32, out: i32| {
             let (mut mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-            let stat = disk_stat(&host.disk, root, &rel)?;
+            let stat = disk_stat(&mut host.gate, &host.disk, root, &rel)?;
             write_filestat(&mut mem, out as u32, &stat)?;
             Ok(())
         }
@@ -328,7 +329,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         |c, dirfd: i32, _flags: i32, path: i32, len: i32, atim: i64, mtim: i64, fst: i32| {
             let (mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-            disk_stat(&host.disk, root, &rel)?;
+            disk_stat(&mut host.gate, &host.disk, root, &rel)?;
             set_times(host, root, &rel, atim as u64, mtim as u64, fst as u16)
         }
     );
@@ -338,7 +339,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         |c, dirfd: i32, path: i32, len: i32| {
             let (mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-            std::fs::create_dir(host.disk.host_path(root, &rel)?).map_err(super::host_err)?;
+            let path = host.disk.host_path(root, &rel)?;
+            disk(host.gate.disk_op(|| std::fs::create_dir(&path)))?;
             let now = host.gate.realtime_ns();
             host.disk.touch(root, &rel, now);
             Ok(())
@@ -353,7 +355,8 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             if rel.is_empty() {
                 return Err(errno::BUSY.into());
             }
-            std::fs::remove_dir(host.disk.host_path(root, &rel)?).map_err(super::host_err)?;
+            let path = host.disk.host_path(root, &rel)?;
+            disk(host.gate.disk_op(|| std::fs::remove_dir(&path)))?;
             host.disk.forget(root, &rel);
             Ok(())
         }
@@ -365,13 +368,10 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             let (mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
             let host_path = host.disk.host_path(root, &rel)?;
-            if std::fs::symlink_metadata(&host_path)
-                .map_err(super::host_err)?
-                .is_dir()
-            {
+            if disk(host.gate.disk_op(|| std::fs::symlink_metadata(&host_path)))?.is_dir() {
                 return Err(errno::ISDIR.into());
             }
-            std::fs::remove_file(host_path).map_err(super::host_err)?;
+            disk(host.gate.disk_op(|| std::fs::remove_file(&host_path)))?;
             host.disk.forget(root, &rel);
             Ok(())
         }
@@ -386,11 +386,11 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
             if from.is_empty() || to.is_empty() {
                 return Err(errno::BUSY.into());
             }
-            std::fs::rename(
+            let (a, b) = (
                 host.disk.host_path(r1, &from)?,
                 host.disk.host_path(r2, &to)?,
-            )
-            .map_err(super::host_err)?;
+            );
+            disk(host.gate.disk_op(|| std::fs::rename(&a, &b)))?;
             host.disk.renamed(r1, &from, r2, &to);
             Ok(())
         }
@@ -418,7 +418,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         |c, dirfd: i32, path: i32, len: i32, _buf: i32, _buf_len: i32, _out: i32| {
             let (mem, host) = split(&mut c);
             let (root, rel) = resolve(&mem, host, dirfd as u32, path as u32, len as u32)?;
-            disk_stat(&host.disk, root, &rel)?;
+            disk_stat(&mut host.gate, &host.disk, root, &rel)?;
             // Whatever exists in the virtual disk is not a symlink.
             Err(errno::INVAL.into())
         }
@@ -434,7 +434,7 @@ fn seek_errno(kind: &FdKind) -> Errno {
 }
 
 /// The host file behind a file descriptor, opened on first use (or after a restore).
-fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
+fn handle(gate: &mut Gate, vdisk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
     let FdKind::File {
         root,
         rel,
@@ -452,11 +452,8 @@ fn handle(disk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
     if let Some(h) = handle {
         return Ok(h.clone());
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(*write)
-        .open(disk.host_path(*root, rel)?)
-        .map_err(super::host_err)?;
+    let path = vdisk.host_path(*root, rel)?;
+    let file = disk(gate.disk_op(|| OpenOptions::new().read(true).write(*write).open(&path)))?;
     let file = Arc::new(file);
     *handle = Some(file.clone());
     Ok(file)
@@ -487,23 +484,27 @@ fn fd_write(
         FdKind::File { write: false, .. } => return Err(errno::BADF.into()),
         FdKind::File { .. } => {
             let append = entry.flags & FDFLAG_APPEND != 0;
-            let file = handle(&mut host.disk, entry)?;
+            let file = handle(&mut host.gate, &mut host.disk, entry)?;
             let FdKind::File { root, rel, pos, .. } = &mut entry.kind else {
                 unreachable!()
             };
             let offset = match at {
                 Some(o) => o,
-                None if append => file.metadata().map_err(super::host_err)?.len(),
+                None if append => disk(host.gate.disk_op(|| file.metadata()))?.len(),
                 None => *pos,
             };
-            file.write_all_at(&data, offset).map_err(super::host_err)?;
+            // A full disk may take part of it: the guest is told how much, as by write(2).
+            let written = disk(
+                host.gate
+                    .disk_write(&data, |bytes, at| file.write_at(bytes, offset + at)),
+            )?;
             if at.is_none() {
-                *pos = offset + data.len() as u64;
+                *pos = offset + written as u64;
             }
             let (root, rel) = (*root, rel.clone());
             let now = host.gate.realtime_ns();
             host.disk.touch(root, &rel, now);
-            data.len()
+            written
         }
         FdKind::Dir { .. } => return Err(errno::ISDIR.into()),
         FdKind::Stdin => return Err(errno::BADF.into()),
@@ -535,22 +536,26 @@ fn fd_read(
         FdKind::Socket { .. } if at.is_none() => return sock::read(c, fd, iov, out),
         FdKind::File { read: false, .. } => return Err(errno::BADF.into()),
         FdKind::File { .. } => {
-            let file = handle(&mut host.disk, entry)?;
+            let file = handle(&mut host.gate, &mut host.disk, entry)?;
             let FdKind::File { pos, .. } = &mut entry.kind else {
                 unreachable!()
             };
             let offset = at.unwrap_or(*pos);
-            let mut buf = vec![0u8; want];
-            let mut got = 0;
-            while got < want {
-                match file.read_at(&mut buf[got..], offset + got as u64) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(super::host_err(e)),
+            let buf = disk(host.gate.disk_op(|| {
+                let mut buf = vec![0u8; want];
+                let mut got = 0;
+                while got < want {
+                    match file.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
-            buf.truncate(got);
+                buf.truncate(got);
+                Ok(buf)
+            }))?;
+            let got = buf.len();
             if at.is_none() {
                 *pos = offset + got as u64;
             }
@@ -570,9 +575,8 @@ fn sync(c: &mut Caller<'_, Host>, fd: u32) -> HostResult<()> {
     if let FdKind::Dir { .. } = entry.kind {
         return Ok(());
     }
-    handle(&mut host.disk, entry)?
-        .sync_all()
-        .map_err(super::host_err)?;
+    let file = handle(&mut host.gate, &mut host.disk, entry)?;
+    disk(host.gate.disk_op(|| file.sync_all()))?;
     Ok(())
 }
 
@@ -623,8 +627,9 @@ struct Stat {
     time: u64,
 }
 
-fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> HostResult<Stat> {
-    let meta = std::fs::symlink_metadata(disk.host_path(root, rel)?).map_err(super::host_err)?;
+fn disk_stat(gate: &mut Gate, vdisk: &VDisk, root: u32, rel: &str) -> HostResult<Stat> {
+    let path = vdisk.host_path(root, rel)?;
+    let meta = disk(gate.disk_op(|| std::fs::symlink_metadata(&path)))?;
     let ft = meta.file_type();
     let (filetype, size) = if ft.is_dir() {
         (3, 0)
@@ -640,7 +645,7 @@ fn disk_stat(disk: &VDisk, root: u32, rel: &str) -> HostResult<Stat> {
         ino: VDisk::ino(root, rel),
         filetype,
         size,
-        time: disk.mtime(root, rel),
+        time: vdisk.mtime(root, rel),
     })
 }
 
@@ -671,7 +676,11 @@ fn path_open(
     let (mut mem, host) = split(c);
     let (root, rel) = resolve(&mem, host, dirfd, path, path_len)?;
     let host_path = host.disk.host_path(root, &rel)?;
-    let existing = std::fs::metadata(&host_path).ok();
+    let existing = match host.gate.disk_op(|| std::fs::metadata(&host_path))? {
+        Ok(m) => Some(m),
+        Err(errno::NOENT) => None,
+        Err(e) => return Err(e.into()),
+    };
     if oflags & OFLAG_CREAT != 0 && oflags & OFLAG_EXCL != 0 && existing.is_some() {
         return Err(errno::EXIST.into());
     }
@@ -700,32 +709,33 @@ fn path_open(
     }
     let read = rights & RIGHT_FD_READ != 0;
     let write = rights & RIGHT_FD_WRITE != 0 || oflags & OFLAG_TRUNC != 0;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .create(oflags & OFLAG_CREAT != 0 && write)
-        .create_new(oflags & OFLAG_CREAT != 0 && oflags & OFLAG_EXCL != 0)
-        .truncate(oflags & OFLAG_TRUNC != 0)
-        .open(&host_path);
+    let file = host.gate.disk_op(|| {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .create(oflags & OFLAG_CREAT != 0 && write)
+            .create_new(oflags & OFLAG_CREAT != 0 && oflags & OFLAG_EXCL != 0)
+            .truncate(oflags & OFLAG_TRUNC != 0)
+            .open(&host_path)
+    })?;
     let file = match file {
         Ok(f) => f,
         // O_CREAT on a read-only open still creates, as POSIX does.
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound && oflags & OFLAG_CREAT != 0 && !write =>
-        {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&host_path)
-                .map_err(super::host_err)?;
-            OpenOptions::new()
-                .read(true)
-                .open(&host_path)
-                .map_err(super::host_err)?
+        Err(errno::NOENT) if oflags & OFLAG_CREAT != 0 && !write => {
+            disk(host.gate.disk_op(|| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&host_path)
+            }))?;
+            disk(
+                host.gate
+                    .disk_op(|| OpenOptions::new().read(true).open(&host_path)),
+            )?
         }
-        Err(e) => return Err(super::host_err(e)),
+        Err(e) => return Err(e.into()),
     };
     if existing.is_none() || oflags & OFLAG_TRUNC != 0 {
         let now = host.gate.realtime_ns();
@@ -757,23 +767,31 @@ fn fd_readdir(
         return Err(errno::NOTDIR.into());
     };
     let dir = host.disk.host_path(root, &rel)?;
-    let mut names: Vec<(String, u8)> = Vec::new();
-    for item in std::fs::read_dir(&dir).map_err(super::host_err)? {
-        let item = item.map_err(super::host_err)?;
-        let ft = item.file_type().map_err(super::host_err)?;
-        let kind = if ft.is_dir() {
-            3
-        } else if ft.is_file() {
-            4
-        } else if ft.is_symlink() {
-            7
-        } else {
-            0
-        };
-        names.push((item.file_name().to_string_lossy().into_owned(), kind));
-        if names.len() > DIR_ENTRIES_MAX {
-            return Err(errno::NOBUFS.into());
+    // One disk operation: the listing (at most DIR_ENTRIES_MAX + 1 entries, one more says "too
+    // many").
+    let mut names = disk(host.gate.disk_op(|| {
+        let mut names: Vec<(String, u8)> = Vec::new();
+        for item in std::fs::read_dir(&dir)? {
+            let item = item?;
+            let ft = item.file_type()?;
+            let kind = if ft.is_dir() {
+                3
+            } else if ft.is_file() {
+                4
+            } else if ft.is_symlink() {
+                7
+            } else {
+                0
+            };
+            names.push((item.file_name().to_string_lossy().into_owned(), kind));
+            if names.len() > DIR_ENTRIES_MAX {
+                break;
+            }
         }
+        Ok(names)
+    }))?;
+    if names.len() > DIR_ENTRIES_MAX {
+        return Err(errno::NOBUFS.into());
     }
     names.sort();
     let parent = rel

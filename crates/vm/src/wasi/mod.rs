@@ -100,28 +100,15 @@ impl wasmtime::ResourceLimiter for VmLimiter {
 /// Why a host function did not succeed: an errno for the guest, or a reason to stop the VM.
 pub enum Fail {
     Errno(Errno),
-    /// An errno the host's file system reported. Unlike the errnos our own code decides, it is
-    /// an input from the host: it goes through the gate (`Gate::host_error`) before the guest
-    /// sees it.
-    Host(Errno),
     Fatal(VmError),
 }
 
-/// A host file-system error, for the guest by way of the gate.
-pub(crate) fn host_err(e: std::io::Error) -> Fail {
-    Fail::Host(errno::from_io(&e))
-}
-
-/// Ends a host function: counts the call; a host error first passes the gate (recorded, or
-/// checked against the recording), then reaches the guest like any errno.
-pub(crate) fn finish_call(host: &mut Host, result: HostResult<()>) -> wasmtime::Result<i32> {
-    host.gate.host_call();
-    match result {
-        Err(Fail::Host(e)) => match host.gate.host_error(e) {
-            Ok(()) => finish(Err(Fail::Errno(e))),
-            Err(fatal) => finish(Err(Fail::Fatal(fatal))),
-        },
-        other => finish(other),
+/// What the gate said of a disk operation (`Gate::disk_op`, `Gate::disk_write`), as a result.
+pub(crate) fn disk<T>(outcome: Result<Result<T, Errno>, VmError>) -> HostResult<T> {
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Fail::Errno(e)),
+        Err(fatal) => Err(Fail::Fatal(fatal)),
     }
 }
 impl From<Errno> for Fail {
@@ -140,10 +127,6 @@ pub(crate) fn finish(result: HostResult<()>) -> wasmtime::Result<i32> {
     match result {
         Ok(()) => Ok(0),
         Err(Fail::Errno(e)) => Ok(e as i32),
-        Err(Fail::Host(e)) => Err(wasmtime::Error::new(VmError::Internal(format!(
-            "host error {} reached the guest without passing the gate",
-            errno::name(e)
-        )))),
         Err(Fail::Fatal(v)) => Err(wasmtime::Error::new(v)),
     }
 }
@@ -240,10 +223,12 @@ macro_rules! wasi_fn {
     ($linker:expr, $name:literal, |$c:ident $(, $arg:ident : $ty:ty)*| $body:expr) => {
         $linker
             .func_wrap($crate::engine::WASI_MODULE, $name, |mut $c: wasmtime::Caller<'_, $crate::wasi::Host> $(, $arg: $ty)*| -> wasmtime::Result<i32> {
+                // Calls are counted so that a disk operation can be named across replicas.
+                $c.data_mut().gate.host_call();
                 // A closure, so that `?` in the body ends the call with its error.
                 #[allow(clippy::redundant_closure_call)]
                 let result: $crate::wasi::HostResult<()> = (|| $body)();
-                $crate::wasi::finish_call($c.data_mut(), result)
+                $crate::wasi::finish(result)
             })
             .map_err(|e| $crate::VmError::Internal(format!("cannot define {}: {e}", $name)))?;
     };
