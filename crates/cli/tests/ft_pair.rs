@@ -198,6 +198,43 @@ fn a_clean_exit_is_not_a_failure() {
 }
 
 #[test]
+fn a_full_disk_under_the_primarys_log_copy_does_not_stop_the_vm() {
+    // `--record FILE` on a replica is a debugging copy of the log; the log channel is what the
+    // backup replays. When the copy's disk fills, the primary says so and goes on replicated.
+    let pair = Pair::new(150, 2);
+    let full = Tmpfs::mount(4 << 10);
+    let saved = full.path().join("primary.log");
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &["--record", saved.to_str().unwrap()]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    primary.expect_exit(0, Duration::from_secs(30));
+    backup.expect_exit(0, Duration::from_secs(30));
+    assert!(
+        primary.stderr().contains("the log's copy failed")
+            && primary.stderr().contains("No space left on device"),
+        "{}",
+        primary.stderr()
+    );
+    assert_eq!(iterations(&primary.stdout()), (0..150).collect::<Vec<_>>());
+    assert!(
+        backup.stderr().contains("(replayed)"),
+        "{}",
+        backup.stderr()
+    );
+    assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
+    // The copy is a prefix of the session: it replays as far as it goes.
+    let replay = run(&[
+        "replay",
+        saved.to_str().unwrap(),
+        guest("sleeper").to_str().unwrap(),
+    ]);
+    assert_eq!(code(&replay), 121, "{}", stderr(&replay));
+    let replayed = String::from_utf8_lossy(&replay.stdout).into_owned();
+    assert!(!replayed.is_empty());
+    assert!(primary.stdout().starts_with(&replayed), "{replayed}");
+}
+
+#[test]
 fn power_off_travels_through_the_log_and_stops_both() {
     let pair = Pair::new(1000, 20);
     let log = free_port();

@@ -925,24 +925,56 @@ impl Gate {
     }
 }
 
-/// Writes every entry to two sinks: the log channel and a file, say, for a later debugging replay.
-pub struct TeeSink(pub Box<dyn LogSink>, pub Box<dyn LogSink>);
+/// Writes every entry to the sink replication depends on (the log channel) and to a copy (a
+/// file, for a later debugging replay). The copy is best effort: when it fails (its disk filled
+/// up, say) a warning says so and the copy ends there, while the VM goes on, still replicated.
+/// The file is then a prefix of the log (its last entry may be cut), which replays as far as
+/// it goes.
+pub struct TeeSink {
+    main: Box<dyn LogSink>,
+    copy: Option<Box<dyn LogSink>>,
+}
+
+impl TeeSink {
+    pub fn new(main: Box<dyn LogSink>, copy: Box<dyn LogSink>) -> TeeSink {
+        TeeSink {
+            main,
+            copy: Some(copy),
+        }
+    }
+
+    fn on_copy(&mut self, f: impl FnOnce(&mut dyn LogSink) -> Result<(), VmError>) {
+        if let Some(copy) = self.copy.as_mut() {
+            if let Err(e) = f(copy.as_mut()) {
+                eprintln!(
+                    "ftvm: WARNING: the log's copy failed ({e}); it ends here, and the VM goes \
+                     on without it"
+                );
+                self.copy = None;
+            }
+        }
+    }
+}
 
 impl LogSink for TeeSink {
     fn append(&mut self, seq: u64, entry: &Entry) -> Result<(), VmError> {
-        self.0.append(seq, entry)?;
-        self.1.append(seq, entry)
+        self.main.append(seq, entry)?;
+        self.on_copy(|c| c.append(seq, entry));
+        Ok(())
     }
     fn flush(&mut self) -> Result<(), VmError> {
-        self.0.flush()?;
-        self.1.flush()
+        self.main.flush()?;
+        self.on_copy(|c| c.flush());
+        Ok(())
     }
     fn idle(&mut self) -> Result<(), VmError> {
-        self.0.idle()?;
-        self.1.idle()
+        self.main.idle()?;
+        self.on_copy(|c| c.idle());
+        Ok(())
     }
     fn pace(&mut self) -> Duration {
-        self.0.pace().max(self.1.pace())
+        let copy = self.copy.as_mut().map_or(Duration::ZERO, |c| c.pace());
+        self.main.pace().max(copy)
     }
 }
 

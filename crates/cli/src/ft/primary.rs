@@ -93,7 +93,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         corrupt_record: node.corrupt_record,
     });
     let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
-        Some(path) => Box::new(ftvm_vm::gate::TeeSink(
+        // The file is a debugging copy: if it cannot be written, the VM goes on replicated.
+        Some(path) => Box::new(ftvm_vm::gate::TeeSink::new(
             channel,
             Box::new(ftvm_vm::logfile::FileSink::create(path, &header)?),
         )),
