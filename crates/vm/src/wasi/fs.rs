@@ -98,7 +98,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
                 0 => 0,
                 1 => *pos as i128,
                 2 => {
-                    let file = handle(&mut host.gate, &mut host.disk, entry)?;
+                    let file = handle(&mut host.disk, entry)?;
                     disk(host.gate.disk_op(|| file.metadata()))?.len() as i128
                 }
                 _ => return Err(errno::INVAL.into()),
@@ -220,7 +220,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         else {
             return Err(errno::BADF.into());
         };
-        let file = handle(&mut host.gate, &mut host.disk, host.fds.get_mut(fd as u32)?)?;
+        let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
         disk(host.gate.disk_op(|| file.set_len(size as u64)))?;
         host.disk.touch(*root, rel, now);
         Ok(())
@@ -230,7 +230,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         "fd_allocate",
         |c, fd: i32, offset: i64, len: i64| {
             let (_, host) = split(&mut c);
-            let file = handle(&mut host.gate, &mut host.disk, host.fds.get_mut(fd as u32)?)?;
+            let file = handle(&mut host.disk, host.fds.get_mut(fd as u32)?)?;
             let want = (offset as u64).saturating_add(len as u64);
             let have = disk(host.gate.disk_op(|| file.metadata()))?.len();
             if want > have {
@@ -433,8 +433,9 @@ fn seek_errno(kind: &FdKind) -> Errno {
     }
 }
 
-/// The host file behind a file descriptor, opened on first use (or after a restore).
-fn handle(gate: &mut Gate, vdisk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
+/// The host file behind a file descriptor: the handle `path_open` got, or, after a restore (handles
+/// are not serialized), the file reopened from its path.
+fn handle(vdisk: &mut VDisk, entry: &mut FdEntry) -> HostResult<Arc<File>> {
     let FdKind::File {
         root,
         rel,
@@ -452,8 +453,14 @@ fn handle(gate: &mut Gate, vdisk: &mut VDisk, entry: &mut FdEntry) -> HostResult
     if let Some(h) = handle {
         return Ok(h.clone());
     }
+    // Not a disk operation of the guest's (the other replica has its handle from `path_open`):
+    // a replica that cannot reopen a file its guest has open cannot go on.
     let path = vdisk.host_path(*root, rel)?;
-    let file = disk(gate.disk_op(|| OpenOptions::new().read(true).write(*write).open(&path)))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(*write)
+        .open(&path)
+        .map_err(|e| VmError::Disk(format!("cannot reopen {}: {e}", path.display())))?;
     let file = Arc::new(file);
     *handle = Some(file.clone());
     Ok(file)
@@ -484,7 +491,7 @@ fn fd_write(
         FdKind::File { write: false, .. } => return Err(errno::BADF.into()),
         FdKind::File { .. } => {
             let append = entry.flags & FDFLAG_APPEND != 0;
-            let file = handle(&mut host.gate, &mut host.disk, entry)?;
+            let file = handle(&mut host.disk, entry)?;
             let FdKind::File { root, rel, pos, .. } = &mut entry.kind else {
                 unreachable!()
             };
@@ -496,7 +503,7 @@ fn fd_write(
             // A full disk may take part of it: the guest is told how much, as by write(2).
             let written = disk(
                 host.gate
-                    .disk_write(&data, |bytes, at| file.write_at(bytes, offset + at)),
+                    .disk_write(&data, |bytes, done| file.write_at(bytes, offset + done)),
             )?;
             if at.is_none() {
                 *pos = offset + written as u64;
@@ -536,7 +543,7 @@ fn fd_read(
         FdKind::Socket { .. } if at.is_none() => return sock::read(c, fd, iov, out),
         FdKind::File { read: false, .. } => return Err(errno::BADF.into()),
         FdKind::File { .. } => {
-            let file = handle(&mut host.gate, &mut host.disk, entry)?;
+            let file = handle(&mut host.disk, entry)?;
             let FdKind::File { pos, .. } = &mut entry.kind else {
                 unreachable!()
             };
@@ -575,7 +582,7 @@ fn sync(c: &mut Caller<'_, Host>, fd: u32) -> HostResult<()> {
     if let FdKind::Dir { .. } = entry.kind {
         return Ok(());
     }
-    let file = handle(&mut host.gate, &mut host.disk, entry)?;
+    let file = handle(&mut host.disk, entry)?;
     disk(host.gate.disk_op(|| file.sync_all()))?;
     Ok(())
 }
