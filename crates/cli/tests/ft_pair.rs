@@ -198,6 +198,33 @@ fn a_clean_exit_is_not_a_failure() {
 }
 
 #[test]
+fn a_primary_whose_host_fails_hands_over_to_the_backup() {
+    // The VM stops on the primary for a reason of that host's own (a test hook standing for,
+    // say, a failed random source): the primary leaves without a goodbye, and the backup takes
+    // over as after a crash, instead of ending too.
+    let pair = Pair::new(30, 20);
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &["--fail-at-record", "20"]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    primary.expect_exit(126, Duration::from_secs(30));
+    assert!(
+        primary.stderr().contains("stops without a goodbye"),
+        "{}",
+        primary.stderr()
+    );
+    backup.expect_exit(0, Duration::from_secs(30));
+    assert!(backup.stderr().contains("LIVE"), "{}", backup.stderr());
+    let mut seen = iterations(&primary.stdout());
+    seen.extend(iterations(&backup.stdout()));
+    assert_in_order_no_duplicates(&seen);
+    assert!(
+        backup.stdout().contains("sleeper: done"),
+        "{}",
+        backup.stdout()
+    );
+}
+
+#[test]
 fn a_full_disk_under_the_primarys_log_copy_does_not_stop_the_vm() {
     // `--record FILE` on a replica is a debugging copy of the log; the log channel is what the
     // backup replays. When the copy's disk fills, the primary says so and goes on replicated.

@@ -71,6 +71,16 @@ pub enum VmError {
 }
 
 impl VmError {
+    /// Whether every replica ends the same way here: the guest's own trap or running out of its
+    /// fixed memory, or a power-off from the log. Anything else (a host's failure, a halt, a
+    /// divergence) is one replica's failure.
+    pub fn ends_the_vm_everywhere(&self) -> bool {
+        matches!(
+            self,
+            VmError::Trap { .. } | VmError::OutOfMemory { .. } | VmError::PoweredOff
+        )
+    }
+
     pub fn exit_code(&self) -> i32 {
         match self {
             VmError::BadModule(_) => exit_code::BAD_MODULE,

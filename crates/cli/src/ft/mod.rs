@@ -72,6 +72,9 @@ pub struct Node {
     pub corrupt_frame: Option<u64>,
     /// Test hook: corrupt log record N before it is framed (the frame's checksum holds).
     pub corrupt_record: Option<u64>,
+    /// Test hook (primary): the VM fails for a reason of this host's own at log record N, as
+    /// when the host's random source fails.
+    pub fail_at_record: Option<u64>,
 }
 
 pub fn main(args: &[String]) -> Result<i32, Failure> {
@@ -90,6 +93,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
             "wait-ms",
             "corrupt-log-frame",
             "corrupt-log-record",
+            "fail-at-record",
             "record",
             "slow-replay-us",
         ],
@@ -152,6 +156,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         wait_ms,
         corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
         corrupt_record: p.number::<u64>("corrupt-log-record")?,
+        fail_at_record: p.number::<u64>("fail-at-record")?,
         record: p.one("record").map(PathBuf::from),
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
     };

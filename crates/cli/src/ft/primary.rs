@@ -91,6 +91,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         last_pace: Instant::now(),
         scratch: Vec::new(),
         corrupt_record: node.corrupt_record,
+        fail_at_record: node.fail_at_record,
     });
     let sink: Box<dyn ftvm_vm::LogSink> = match &node.record {
         // The file is a debugging copy: if it cannot be written, the VM goes on replicated.
@@ -116,6 +117,18 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         Ok(VmOutcome::PoweredOff) => 0,
         Err(e) => e.exit_code(),
     };
+    if let Err(e) = &outcome {
+        if !e.ends_the_vm_everywhere() {
+            // This host failed, not the VM: stop as a crashed primary would, without a goodbye,
+            // so that the backup takes over (a goodbye would end it too). Held outputs stay
+            // unsent, as in a crash; the backup's replay produces them again.
+            eprintln!(
+                "ftvm: this replica failed: {e}; it stops without a goodbye, so that the backup \
+                 goes live"
+            );
+            std::process::exit(code);
+        }
+    }
     // Tell the driver the VM is done; it waits for the final acks and says goodbye.
     Shared::vm_finished(&shared);
     drop(vm);
@@ -743,10 +756,17 @@ struct DirectSink {
     scratch: Vec<u8>,
     /// Test hook: flip a bit inside this record (its own checksum fails, the frame's holds).
     corrupt_record: Option<u64>,
+    /// Test hook: fail the VM, as a host-local error, instead of logging this record.
+    fail_at_record: Option<u64>,
 }
 
 impl ftvm_vm::LogSink for DirectSink {
     fn append(&mut self, seq: u64, entry: &ftvm_log::Entry) -> Result<(), VmError> {
+        if self.fail_at_record == Some(seq) {
+            return Err(VmError::Internal(format!(
+                "test hook: this host failed at log record {seq}"
+            )));
+        }
         self.scratch.clear();
         entry.encode_framed(seq, &mut self.scratch);
         if self.corrupt_record == Some(seq) {
