@@ -26,26 +26,16 @@ VM=198.18.$S.50
 HA=198.18.$S.11
 TMP="$(mktemp -d)"
 PIDS=()
-# A cgroup (v1 cpu controller) with a CFS quota: the capped primary's "host". Short periods, so
-# throttling stalls last milliseconds, not the default 100 ms.
-CG=/sys/fs/cgroup/cpu/ftvm-bench-$LAB
-cap() { [[ -d "$CG" ]] && echo "$1" >"$CG/cgroup.procs"; }
-if [[ "$CAP_CPU" != 0 ]]; then
-    [[ -d /sys/fs/cgroup/cpu ]] || { echo "no cgroup v1 cpu controller: run with CAP_CPU=0" >&2; exit 1; }
-    mkdir -p "$CG"
-    echo 10000 >"$CG/cpu.cfs_period_us"
-    echo "$(python3 -c "print(int($CAP_CPU * 10000))")" >"$CG/cpu.cfs_quota_us"
-fi
+# The capped primary's "host": a cgroup CPU quota (scripts/cpu-cap.sh).
+source "$REPO/scripts/cpu-cap.sh"
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    if [[ -d "$CG" ]]; then
-        for p in $(cat "$CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
-        rmdir "$CG" 2>/dev/null || true
-    fi
+    cpu_cap_cleanup
     "$F" lab down --name $LAB || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
+cpu_cap_setup "bench-$LAB" "$CAP_CPU"
 "$F" lab up --name $LAB --subnet $S >/dev/null
 for h in host-a host-b; do
     ip -n $LAB-$h tuntap add dev tap0 mode tap
@@ -77,7 +67,7 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 run_vm() { # run_vm NAME [cap]
     ip netns exec $LAB-host-a "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
-    [[ "${2:-}" == cap ]] && cap $p
+    [[ "${2:-}" == cap ]] && cpu_cap $p
     wait_port $VM 6379; bench "$1" $VM 6379 $p; stop $p
 }
 ft_pair() { # ft_pair NAME [cap]
@@ -86,7 +76,7 @@ ft_pair() { # ft_pair NAME [cap]
         --status-file "$TMP/a.json" >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
     ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
-    [[ "${2:-}" == cap ]] && cap $pa
+    [[ "${2:-}" == cap ]] && cpu_cap $pa
     wait_port $VM 6379
     for _ in $(seq 50); do [[ -s "$TMP/a.json" ]] && break; sleep 0.1; done
     b0=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t0=$(date +%s%N)

@@ -19,24 +19,15 @@ HA=198.18.$S.11
 MAC=02:f7:00:00:40:50
 TMP="$(mktemp -d)"
 PIDS=()
-CG=/sys/fs/cgroup/cpu/ftvm-profile-$LAB
-cap() { [[ "$CAP_CPU" != 0 ]] && echo "$1" >"$CG/cgroup.procs" || true; }
+source "$REPO/scripts/cpu-cap.sh"
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    if [[ -d "$CG" ]]; then
-        for p in $(cat "$CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
-        rmdir "$CG" 2>/dev/null || true
-    fi
+    cpu_cap_cleanup
     "$F" lab down --name $LAB >/dev/null 2>&1 || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
-if [[ "$CAP_CPU" != 0 ]]; then
-    [[ -d /sys/fs/cgroup/cpu ]] || { echo "no cgroup v1 cpu controller: run with CAP_CPU=0" >&2; exit 1; }
-    mkdir -p "$CG"
-    echo 10000 >"$CG/cpu.cfs_period_us"
-    echo "$(python3 -c "print(int($CAP_CPU * 10000))")" >"$CG/cpu.cfs_quota_us"
-fi
+cpu_cap_setup "profile-$LAB" "$CAP_CPU"
 if ! command -v perf >/dev/null; then
     echo "[profile] installing Debian's linux-perf" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
@@ -97,7 +88,7 @@ ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 
     >/dev/null 2>&1 &
 p=$!
 PIDS+=($p)
-cap $p
+cpu_cap $p
 wait_port
 profile run $p
 kill $p
@@ -106,7 +97,7 @@ ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:740
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 pa=$!
 PIDS+=($pa)
-cap $pa
+cpu_cap $pa
 ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 PIDS+=($!)
