@@ -12,6 +12,7 @@
 # and the client-visible stall of a failover (SIGKILL of the primary during an INCR loop).
 # Usage: scripts/bench-kv.sh [REQUESTS] [ROUNDS]      (root; run scripts/setup.sh first)
 #        PIPELINE=16 scripts/bench-kv.sh ...            (redis-benchmark -P 16)
+#        CONC=200 scripts/bench-kv.sh ...               (200 clients instead of 50)
 #        CAP_CPU=0 scripts/bench-kv.sh ...              (no capped configurations)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +21,7 @@ G="$REPO/guests/build"
 N="${1:-100000}"
 ROUNDS="${2:-3}"
 CAP_CPU="${CAP_CPU:-0.5}"
+CONC="${CONC:-50}"
 LAB=bkv
 S=60
 VM=198.18.$S.50
@@ -57,7 +59,7 @@ HZ=$(getconf CLK_TCK)
 bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test rps p50 p99" lines
     local s0 b0
     s0=$(ticks "${4:-0}"); b0=$(ticks "${5:-0}")
-    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c 50 ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
+    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c "$CONC" ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
     # CPU microseconds per request of the server (primary) and of the backup, over all 4 tests.
     awk -v n="$1" -v s="$(( $(ticks "${4:-0}") - s0 ))" -v b="$(( $(ticks "${5:-0}") - b0 ))" -v hz="$HZ" -v r="$((4 * N))" \
@@ -100,7 +102,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     fi
 done
 
-echo "redis-benchmark -t ping,set,get,incr -n $N -c 50 ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
+echo "redis-benchmark -t ping,set,get,incr -n $N -c $CONC ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
 python3 - "$TMP/results" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)

@@ -356,7 +356,15 @@ fn inspect(args: &[String]) -> Result<i32, Failure> {
                 c.0 += 1;
                 c.1 += size;
                 if shown < limit {
-                    println!("{seq:>8} {}", entry.summary());
+                    match &entry {
+                        // The log crate knows errno numbers only; the name is WASI's.
+                        ftvm_log::Entry::HostError { errno, .. } => println!(
+                            "{seq:>8} {} ({})",
+                            entry.summary(),
+                            ftvm_vm::wasi::errno::name(*errno)
+                        ),
+                        _ => println!("{seq:>8} {}", entry.summary()),
+                    }
                     shown += 1;
                 }
             }

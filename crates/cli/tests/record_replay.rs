@@ -372,9 +372,14 @@ fn a_recorded_disk_failure_replays_on_any_disk() {
     // on a disk with room to spare. Two cases: fsx's usual work on a disk with no room at all,
     // and its `fill` mode on one that takes 2.6 of its 100,000-byte writes.
     let g = guest("fsx");
-    for (size, args, entry) in [
-        (4 << 10, &["/data"][..], "host disk error call="),
-        (256 << 10, &["/data", "fill"][..], "short disk write call="),
+    for (size, args, entry, detail) in [
+        (4 << 10, &["/data"][..], "host disk error call=", "(ENOSPC)"),
+        (
+            256 << 10,
+            &["/data", "fill"][..],
+            "short disk write call=",
+            "done=",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("fsx.log");
@@ -392,8 +397,10 @@ fn a_recorded_disk_failure_replays_on_any_disk() {
         let inspect = run(&["inspect", log.to_str().unwrap()]);
         let listing = String::from_utf8_lossy(&inspect.stdout);
         assert!(
-            listing.lines().any(|l| l.contains(entry)),
-            "no {entry:?} in the log: {listing}"
+            listing
+                .lines()
+                .any(|l| l.contains(entry) && l.contains(detail)),
+            "no {entry:?} with {detail:?} in the log: {listing}"
         );
 
         let roomy = dir.path().join("roomy");
