@@ -151,19 +151,7 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
     );
     wasi_fn!(linker, "fd_prestat_get", |c, fd: i32, out: i32| {
         let (mut mem, host) = split(&mut c);
-        // Anything but a preopened directory is EBADF: wasi-libc stops its preopen scan there.
-        let Ok(FdEntry {
-            kind:
-                FdKind::Dir {
-                    preopen: Some(name),
-                    ..
-                },
-            ..
-        }) = host.fds.get(fd as u32)
-        else {
-            return Err(errno::BADF.into());
-        };
-        let len = name.len() as u32;
+        let len = preopen_name(host, fd)?.len() as u32;
         mem.write_u32(out as u32, 0)?;
         mem.write_u32(out as u32 + 4, len)?;
         Ok(())
@@ -173,21 +161,10 @@ pub(super) fn add_to_linker(linker: &mut Linker<Host>) -> Result<(), VmError> {
         "fd_prestat_dir_name",
         |c, fd: i32, buf: i32, len: i32| {
             let (mut mem, host) = split(&mut c);
-            let Ok(FdEntry {
-                kind:
-                    FdKind::Dir {
-                        preopen: Some(name),
-                        ..
-                    },
-                ..
-            }) = host.fds.get(fd as u32)
-            else {
-                return Err(errno::BADF.into());
-            };
+            let name = preopen_name(host, fd)?;
             if (len as usize) < name.len() {
                 return Err(errno::NAMETOOLONG.into());
             }
-            let name = name.clone();
             mem.write_bytes(buf as u32, name.as_bytes())?;
             Ok(())
         }
@@ -430,6 +407,22 @@ fn seek_errno(kind: &FdKind) -> Errno {
     match kind {
         FdKind::Dir { .. } => errno::ISDIR,
         _ => errno::SPIPE,
+    }
+}
+
+/// The guest name of a preopened directory. Anything else is EBADF: wasi-libc's scan for
+/// preopens stops at the first such descriptor.
+fn preopen_name(host: &Host, fd: i32) -> HostResult<String> {
+    match host.fds.get(fd as u32) {
+        Ok(FdEntry {
+            kind:
+                FdKind::Dir {
+                    preopen: Some(name),
+                    ..
+                },
+            ..
+        }) => Ok(name.clone()),
+        _ => Err(errno::BADF.into()),
     }
 }
 

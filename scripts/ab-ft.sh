@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# A/B of FT builds (issue 4): the KV guest under `ftvm run`, then as an FT pair once per build,
+# round after round in the same lab, driven by redis-benchmark from the `client` namespace. For
+# each it prints requests/s per test, CPU µs per request of the primary (or the plain server) and
+# of the backup, the primary's context switches per thread (voluntary+involuntary, from
+# /proc/PID/task/*/status) and its log writes; at the end the medians and each build's FT ÷ run.
+# Usage: scripts/ab-ft.sh [ROUNDS]                    (root; run scripts/setup.sh first)
+#   FT_BINS="NAME=PATH ..."   the builds to compare (default: head=target/release/ftvm); `ftvm
+#                             run` uses the first
+#   CAP_CPU=0.5               the server/primary process's CPU budget (scripts/cpu-cap.sh); 0: none
+#   CONC=50 N=100000 TESTS=set,get   redis-benchmark's -c, -n and -t
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+G="$REPO/guests/build"
+ROUNDS="${1:-3}"
+FT_BINS="${FT_BINS:-head=$REPO/target/release/ftvm}"
+CAP_CPU="${CAP_CPU:-0.5}"
+CONC="${CONC:-50}"
+N="${N:-100000}"
+TESTS="${TESTS:-set,get}"
+read -r -a BINS <<<"$FT_BINS"
+F="${BINS[0]#*=}"
+LAB=bab
+S=61
+VM=198.18.$S.50
+HA=198.18.$S.11
+MAC=02:f7:00:00:3d:50
+TMP="$(mktemp -d)"
+PIDS=()
+source "$REPO/scripts/cpu-cap.sh"
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    cpu_cap_cleanup
+    "$F" lab down --name $LAB >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+for b in "${BINS[@]}"; do
+    [[ -x "${b#*=}" ]] || { echo "not an executable: ${b#*=}" >&2; exit 2; }
+done
+cpu_cap_setup "ab-$LAB" "$CAP_CPU"
+"$F" lab up --name $LAB --subnet $S >/dev/null
+for h in host-a host-b; do
+    ip -n $LAB-$h tuntap add dev tap0 mode tap
+    ip -n $LAB-$h link set tap0 master br0 up
+done
+cat >"$TMP/kv.toml" <<TOML
+name = "ab-ft"
+module = "$G/kv.wasm"
+listen = [6379]
+[nic]
+mac = "$MAC"
+ip = "$VM/24"
+TOML
+inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
+wait_port() {
+    for _ in $(seq 100); do inns client redis-cli -h $VM -p 6379 PING >/dev/null 2>&1 && return 0; sleep 0.1; done
+    echo "no server at $VM:6379" >&2
+    return 1
+}
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+HZ=$(getconf CLK_TCK)
+switches() { # per thread name: voluntary+involuntary context switches so far
+    for t in /proc/"$1"/task/*; do
+        echo "$(cat "$t/comm") $(awk '/^(voluntary|nonvoluntary)_ctxt_switches/ { s += $2 } END { print s }' "$t/status")"
+    done | awk '{ s[$1] += $2 } END { for (k in s) printf "%s=%d ", k, s[k] }'
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+bench() { # bench NAME SERVER_PID [BACKUP_PID]
+    local s0 b0 sw
+    s0=$(ticks "$2"); b0=$(ticks "${3:-0}")
+    inns client redis-benchmark -h $VM -p 6379 -t "$TESTS" -n "$N" -c "$CONC" --csv 2>/dev/null |
+        awk -F',' -v name="$1" 'NR > 1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2 }' \
+            | tee -a "$TMP/rps"
+    sw=$(switches "$2")
+    awk -v n="$1" -v s="$(( $(ticks "$2") - s0 ))" -v b="$(( $(ticks "${3:-0}") - b0 ))" -v hz="$HZ" \
+        -v r="$(( N * $(tr ',' '\n' <<<"$TESTS" | wc -l) ))" -v sw="$sw" \
+        'BEGIN { printf "%s cpu_us %.2f %.2f switches %s\n", n, s * 1e6 / hz / r, b * 1e6 / hz / r, sw }' \
+            | tee -a "$TMP/cpu"
+}
+for ((r = 0; r < ROUNDS; r++)); do
+    echo "round $((r + 1))"
+    ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 &
+    p=$!; PIDS+=($p)
+    cpu_cap $p
+    wait_port
+    bench run $p
+    stop $p
+    for b in "${BINS[@]}"; do
+        name="${b%%=*}"; bin="${b#*=}"
+        rm -rf "$TMP/tb" "$TMP/a.json"
+        ip netns exec $LAB-host-a "$bin" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+            --tap tap0 --status-file "$TMP/a.json" >/dev/null 2>&1 &
+        pa=$!; PIDS+=($pa)
+        ip netns exec $LAB-host-b "$bin" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+            --tap tap0 >/dev/null 2>&1 &
+        pb=$!; PIDS+=($pb)
+        cpu_cap $pa
+        wait_port
+        bench "ft-$name" $pa $pb
+        sleep 0.3 # the status file is rewritten every 200 ms
+        python3 -c "import json; d = json.load(open('$TMP/a.json')); print('ft-$name log_writes', d['log_writes'])" |
+            tee -a "$TMP/writes"
+        stop $pa; stop $pb
+    done
+done
+echo "medians over $ROUNDS rounds; redis-benchmark -t $TESTS -n $N -c $CONC, CAP_CPU=$CAP_CPU"
+python3 - "$TMP/rps" "$TMP/cpu" "$TMP/writes" <<'PY'
+import sys, statistics as st, collections as co
+rps, cpu, writes = co.defaultdict(list), co.defaultdict(list), co.defaultdict(list)
+for line in open(sys.argv[1]):
+    name, test, v = line.split()
+    rps[(name, test)].append(float(v))
+for line in open(sys.argv[2]):
+    f = line.split()
+    cpu[f[0]].append((float(f[2]), float(f[3])))
+for line in open(sys.argv[3]):
+    f = line.split()
+    writes[f[0]].append(int(f[2]))
+names = list(dict.fromkeys(n for n, _ in rps))
+tests = list(dict.fromkeys(t for _, t in rps))
+for n in names:
+    cells = []
+    for t in tests:
+        m = st.median(rps[(n, t)])
+        ratio = m / st.median(rps[("run", t)])
+        cells.append(f"{t} {m:.0f} req/s ({ratio:.3f} of run)")
+    c = cpu[n]
+    line = f"{n:<12} " + ", ".join(cells)
+    line += f"; CPU µs/req {st.median(x[0] for x in c):.2f}"
+    if n != "run":
+        line += f" + backup {st.median(x[1] for x in c):.2f}; log writes {st.median(writes[n]):.0f}"
+    print(line)
+PY
