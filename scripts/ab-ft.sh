@@ -3,7 +3,8 @@
 # round after round in the same lab, driven by redis-benchmark from the `client` namespace. For
 # each it prints requests/s per test, CPU µs per request of the primary (or the plain server) and
 # of the backup, the primary's context switches per thread (voluntary+involuntary, from
-# /proc/PID/task/*/status) and its log writes; at the end the medians and each build's FT ÷ run.
+# /proc/PID/task/*/status) and CPU clock ticks per thread (both since the process started), and
+# its log writes; at the end the medians and each build's FT ÷ run.
 # Usage: scripts/ab-ft.sh [ROUNDS]                    (root; run scripts/setup.sh first)
 #   FT_BINS="NAME=PATH ..."   the builds to compare (default: head=target/release/ftvm); `ftvm
 #                             run` uses the first
@@ -65,6 +66,11 @@ switches() { # per thread name: voluntary+involuntary context switches so far
         echo "$(cat "$t/comm") $(awk '/^(voluntary|nonvoluntary)_ctxt_switches/ { s += $2 } END { print s }' "$t/status")"
     done | awk '{ s[$1] += $2 } END { for (k in s) printf "%s=%d ", k, s[k] }'
 }
+thread_ticks() { # per thread name: user+system clock ticks so far
+    for t in /proc/"$1"/task/*; do
+        echo "$(cat "$t/comm") $(awk '{ print $14 + $15 }' "$t/stat")"
+    done | awk '{ s[$1] += $2 } END { for (k in s) printf "%s=%d ", k, s[k] }'
+}
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 bench() { # bench NAME SERVER_PID [BACKUP_PID]
     local s0 b0 sw
@@ -74,8 +80,8 @@ bench() { # bench NAME SERVER_PID [BACKUP_PID]
             | tee -a "$TMP/rps"
     sw=$(switches "$2")
     awk -v n="$1" -v s="$(( $(ticks "$2") - s0 ))" -v b="$(( $(ticks "${3:-0}") - b0 ))" -v hz="$HZ" \
-        -v r="$(( N * $(tr ',' '\n' <<<"$TESTS" | wc -l) ))" -v sw="$sw" \
-        'BEGIN { printf "%s cpu_us %.2f %.2f switches %s\n", n, s * 1e6 / hz / r, b * 1e6 / hz / r, sw }' \
+        -v r="$(( N * $(tr ',' '\n' <<<"$TESTS" | wc -l) ))" -v sw="$sw" -v tt="$(thread_ticks "$2")" \
+        'BEGIN { printf "%s cpu_us %.2f %.2f switches %s ticks %s\n", n, s * 1e6 / hz / r, b * 1e6 / hz / r, sw, tt }' \
             | tee -a "$TMP/cpu"
 }
 for ((r = 0; r < ROUNDS; r++)); do
