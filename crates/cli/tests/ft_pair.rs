@@ -462,6 +462,50 @@ fn a_backup_of_another_vm_is_refused() {
     assert!(err.contains("configuration hash differs"), "{err}");
 }
 
+#[test]
+fn a_backup_that_comes_late_is_refused_at_once_with_the_reason() {
+    let pair = Pair::new(40, 100);
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
+    // The handshake timeout is 5 s: a refusal must come well before it.
+    let mut second = pair.start("c", "backup", log, &[]);
+    second.expect_exit(127, Duration::from_secs(3));
+    assert!(
+        second.stderr().contains("already has its backup"),
+        "{}",
+        second.stderr()
+    );
+
+    backup.signal(libc::SIGKILL);
+    backup.wait(Duration::from_secs(5));
+    wait_until(Duration::from_secs(10), || {
+        primary.stderr().contains("going on alone")
+    });
+    let mut late = pair.start("d", "backup", log, &[]);
+    late.expect_exit(127, Duration::from_secs(3));
+    let err = late.stderr();
+    assert!(
+        err.contains("runs sleeper alone in epoch 2") && err.contains("cloning"),
+        "{err}"
+    );
+
+    primary.expect_exit(0, Duration::from_secs(30));
+    assert_eq!(
+        iterations(&primary.stdout()),
+        (0..40).collect::<Vec<_>>(),
+        "the primary went on undisturbed"
+    );
+    assert_eq!(
+        pair.claims(),
+        vec!["epoch-00000000000000000001", "epoch-00000000000000000002"],
+        "refused backups claim nothing"
+    );
+}
+
 /// An `fsx` pair that ran to its end: the replicas and their exit codes.
 struct FsxPair {
     primary: Proc,

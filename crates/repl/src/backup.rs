@@ -101,7 +101,12 @@ impl BackupLink {
             return Ok(actions);
         }
         if frame.epoch > ours {
-            if self.state == LinkState::Handshaking && matches!(frame.message, Message::Hello(_)) {
+            // The primary's Hello, or its refusal to pair, brings the epoch it runs in.
+            let opening = matches!(
+                frame.message,
+                Message::Hello(_) | Message::HelloAck { ok: false, .. }
+            );
+            if self.state == LinkState::Handshaking && opening {
                 self.epoch = frame.epoch;
             } else {
                 self.state = LinkState::Broken;
@@ -143,6 +148,13 @@ impl BackupLink {
                     actions.push(Action::HandshakeRejected { reason });
                 }
             },
+            (LinkState::Handshaking, Message::HelloAck { ok: false, reason }) => {
+                // A primary that will not pair (it has a backup, or it runs alone): no Hello.
+                self.state = LinkState::Rejected;
+                actions.push(Action::HandshakeRejected {
+                    reason: format!("the primary refused: {reason}"),
+                });
+            }
             (LinkState::Connected, Message::Records { first_seq, records }) => {
                 self.on_records(first_seq, records, now_ms)?;
                 // Ack every Records message at once: the primary's outputs wait for it.
@@ -619,6 +631,43 @@ mod tests {
         let mut link = BackupLink::new(LinkConfig::default(), 5, expect(), 0).unwrap();
         assert!(matches!(
             link.on_message(records(1, 1), 0),
+            Err(ReplError::Unexpected { .. })
+        ));
+    }
+
+    #[test]
+    fn a_primary_that_will_not_pair_is_a_rejection_not_a_protocol_error() {
+        // A primary in a later epoch (it went on alone) answers a late backup with a refusal.
+        let mut link = BackupLink::new(LinkConfig::default(), 1, expect(), 0).unwrap();
+        let refusal = Frame::new(
+            3,
+            Message::HelloAck {
+                ok: false,
+                reason: "it runs alone".into(),
+            },
+        );
+        let actions = link.on_message(refusal, 0).unwrap();
+        assert_eq!(
+            actions,
+            vec![Action::HandshakeRejected {
+                reason: "the primary refused: it runs alone".into()
+            }],
+            "nothing is sent back"
+        );
+        assert_eq!(link.state(), LinkState::Rejected);
+        assert_eq!(link.epoch(), 3);
+        // After the handshake the same message is a protocol error, as before.
+        let mut link = BackupLink::new(LinkConfig::default(), 5, expect(), 0).unwrap();
+        link.on_message(hello_frame(5, 1), 0).unwrap();
+        let late = Frame::new(
+            5,
+            Message::HelloAck {
+                ok: false,
+                reason: String::new(),
+            },
+        );
+        assert!(matches!(
+            link.on_message(late, 0),
             Err(ReplError::Unexpected { .. })
         ));
     }

@@ -47,6 +47,11 @@
 //!      |---- Goodbye(reason) ------------------->|  clean end: not a failure
 //! ```
 //!
+//! A primary that will not pair (it has its backup, or it runs alone) answers a connection with
+//! `HelloAck(ok = false, reason)` in its epoch instead of a `Hello`, and closes it; the backup
+//! takes that as a refused handshake. (A backup of a build before this rule reports an
+//! unexpected message instead: a refusal too, only a less helpful one.)
+//!
 //! # Versioning
 //!
 //! `version` is [`WIRE_VERSION`]. It is bumped for any change that a reader of the previous version

@@ -80,6 +80,11 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     hs.spawn_reader(move |event| Shared::deliver(&s, event))
         .map_err(|e| Failure::usage(format!("cannot start the log reader: {e}")))?;
     let s = shared.clone();
+    std::thread::Builder::new()
+        .name("ftvm-refuser".into())
+        .spawn(move || refuse_late_backups(&listener, &s))
+        .map_err(|e| Failure::usage(format!("cannot start the listener thread: {e}")))?;
+    let s = shared.clone();
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
         .spawn(move || Shared::run(&s))
@@ -140,6 +145,42 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         Err(e) => return Err(e.into()),
     }
     Ok(code)
+}
+
+/// How long a refusal to a late backup may take to write.
+const REFUSAL_WRITE_TIMEOUT_MS: u64 = 1_000;
+
+/// Answers every backup that connects after the pair formed with a refusal (`HelloAck` with
+/// `ok: false`, in our epoch), so that it stops at once with the reason, instead of waiting out
+/// its handshake timeout. One connection at a time; runs until the process ends.
+fn refuse_late_backups(listener: &TcpListener, shared: &Shared) {
+    if listener.set_nonblocking(false).is_err() {
+        return;
+    }
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (epoch, reason) = {
+            let d = shared.lock();
+            let reason = if d.alone {
+                format!(
+                    "it runs {} alone in epoch {}; a backup joins a VM only before it starts \
+                     (adding one to a running VM needs cloning, which ftvm does not do yet)",
+                    d.vm_id, d.epoch
+                )
+            } else {
+                format!("{} already has its backup (one backup per VM)", d.vm_id)
+            };
+            (d.epoch, reason)
+        };
+        eprintln!("ftvm: refused a backup that connected late: {reason}");
+        let refusal = Frame::new(
+            epoch,
+            ftvm_repl::wire::Message::HelloAck { ok: false, reason },
+        );
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(REFUSAL_WRITE_TIMEOUT_MS)));
+        let _ = link::write_frame(&stream, &refusal);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 type Accepted = (TcpStream, link::Handshaker, PrimaryLink);
