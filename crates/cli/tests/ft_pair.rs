@@ -709,6 +709,37 @@ fn a_lagging_backup_slows_the_primary_down() {
     );
 }
 
+#[test]
+fn status_tells_a_running_replica_from_its_last_word() {
+    let pair = Pair::new(30, 50);
+    let log = free_port();
+    let file = pair.dir.path().join("a.json");
+    let mut primary = pair.start(
+        "a",
+        "primary",
+        log,
+        &["--status-file", file.to_str().unwrap()],
+    );
+    let mut backup = pair.start("b", "backup", log, &[]);
+    let show =
+        || String::from_utf8_lossy(&run(&["status", file.to_str().unwrap()]).stdout).into_owned();
+    let pid = primary.pid();
+    let running = format!("process       {pid} (running, written ");
+    wait_until(Duration::from_secs(20), || show().contains(&running));
+    let text = show();
+    assert!(text.contains("role          primary"), "{text}");
+    primary.expect_exit(0, Duration::from_secs(30));
+    backup.expect_exit(0, Duration::from_secs(30));
+    let text = show();
+    assert!(text.contains("role          primary"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "process       {pid} (gone: this is the replica's last status"
+        )),
+        "{text}"
+    );
+}
+
 /// The nice value of a replica's VM thread (its main thread), from /proc.
 fn vm_thread_nice(pid: i32) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;

@@ -65,6 +65,8 @@ impl StatusWriter {
         let mut value = serde_json::to_value(&status).expect("status serializes");
         value["log_bandwidth_bps"] = serde_json::json!(bandwidth_bps);
         value["updated_ms"] = serde_json::json!(now_ms);
+        // So that `ftvm status` can tell a replica's last word from a live one's.
+        value["pid"] = serde_json::json!(std::process::id());
         let tmp = path.with_extension("tmp");
         if std::fs::write(&tmp, serde_json::to_vec_pretty(&value).expect("json")).is_ok() {
             let _ = std::fs::rename(&tmp, path);
@@ -85,6 +87,28 @@ pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
         .map_err(|e| crate::opts::Failure::usage(format!("{file}: {e}")))?;
     let g = |k: &str| v.get(k).cloned().unwrap_or(serde_json::Value::Null);
     println!("role          {}", g("role").as_str().unwrap_or("?"));
+    if let Some(pid) = g("pid").as_u64() {
+        // The file outlives its writer; a replica that stopped leaves its last status behind.
+        // (A zombie, exited but not yet reaped by its parent, is gone too.)
+        let running = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.get(stat.rfind(')')? + 2..)?.chars().next()?;
+                Some(!matches!(state, 'Z' | 'X'))
+            })
+            .unwrap_or(false);
+        let age = std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(|d| format!(", written {:.1} s ago", d.as_secs_f64()))
+            .unwrap_or_default();
+        if running {
+            println!("process       {pid} (running{age})");
+        } else {
+            println!("process       {pid} (gone: this is the replica's last status{age})");
+        }
+    }
     println!("vm            {}", g("vm").as_str().unwrap_or("?"));
     println!("epoch         {}", g("epoch"));
     println!("peer          {}", g("peer").as_str().unwrap_or("none"));
