@@ -506,6 +506,71 @@ fn a_backup_that_comes_late_is_refused_at_once_with_the_reason() {
     );
 }
 
+#[test]
+fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
+    let pair = Pair::new(60, 100);
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
+    // The same log address: refused before it claims anything.
+    let mut twin = pair.start("t", "primary", log, &[]);
+    twin.expect_exit(2, Duration::from_secs(5));
+    assert!(twin.stderr().contains("cannot listen"), "{}", twin.stderr());
+    assert_eq!(pair.claims(), vec!["epoch-00000000000000000001"]);
+
+    // Another address: the new pair claims epoch 2, and the running primary, seeing a newer
+    // epoch held by someone else, halts within its check period; its backup cannot go live.
+    let log2 = free_port();
+    let mut second = pair.start("c", "primary", log2, &[]);
+    let mut second_backup = pair.start("d", "backup", log2, &[]);
+    primary.expect_exit(127, Duration::from_secs(5));
+    assert!(
+        primary
+            .stderr()
+            .contains("another pair of this VM was started"),
+        "{}",
+        primary.stderr()
+    );
+    backup.expect_exit(127, Duration::from_secs(10));
+    assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
+    second.expect_exit(0, Duration::from_secs(30));
+    second_backup.expect_exit(0, Duration::from_secs(30));
+    assert_eq!(
+        pair.claims(),
+        vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]
+    );
+}
+
+#[test]
+fn a_backup_that_went_live_also_halts_when_a_newer_pair_claims_the_vm() {
+    let pair = Pair::new(60, 100);
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
+    primary.signal(libc::SIGKILL);
+    primary.wait(Duration::from_secs(5));
+    wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
+    let log2 = free_port();
+    let mut second = pair.start("c", "primary", log2, &[]);
+    let mut second_backup = pair.start("d", "backup", log2, &[]);
+    backup.expect_exit(127, Duration::from_secs(5));
+    assert!(
+        backup
+            .stderr()
+            .contains("claimed by c while this replica ran as its primary in epoch 2"),
+        "{}",
+        backup.stderr()
+    );
+    second.expect_exit(0, Duration::from_secs(30));
+    second_backup.expect_exit(0, Duration::from_secs(30));
+}
+
 /// An `fsx` pair that ran to its end: the replicas and their exit codes.
 struct FsxPair {
     primary: Proc,

@@ -504,6 +504,14 @@ impl ReplayEnd for Takeover {
             let _ = super::install_power_off_signal(tx);
         }
         eprintln!("ftvm: LIVE: won epoch {next}; this replica is now the primary (alone)");
+        if let Err(f) = super::spawn_epoch_watch(
+            self.tiebreak.clone(),
+            self.vm_id.clone(),
+            self.owner.clone(),
+            move || next,
+        ) {
+            return Err(VmError::Internal(f.message));
+        }
         // Record the new role for `ftvm status` once the driver (which is stopping) is gone;
         // off this thread, so going live is not delayed.
         let (status_file, vm_id) = (self.status_file.clone(), self.vm_id.clone());

@@ -227,6 +227,40 @@ fn set_stream_options(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_millis(CHANNEL_WRITE_TIMEOUT_MS)))
 }
 
+/// How often a replica running as a primary asks the tiebreaker whether its epoch is still the
+/// newest. A pair started for the same VM elsewhere (an operator's mistake) claims a newer one;
+/// this replica then halts, so the two never both emit for much longer than this.
+pub const EPOCH_CHECK_MS: u64 = 1_000;
+
+/// Starts the thread that does that check every [`EPOCH_CHECK_MS`] for a replica that runs as a
+/// primary in epoch `epoch()`. A thread of its own: a slow tiebreaker must not hold up heartbeats
+/// or acks. Only a newer epoch held by another owner halts (our own newer claim, made while going
+/// on alone, does not); an unreachable store is no evidence and only warns. The thread ends with
+/// the process.
+pub fn spawn_epoch_watch(
+    tiebreak: std::sync::Arc<dyn ftvm_tiebreak::TestAndSet>,
+    vm_id: String,
+    owner: String,
+    epoch: impl Fn() -> u64 + Send + 'static,
+) -> Result<(), crate::opts::Failure> {
+    std::thread::Builder::new()
+        .name("ftvm-epoch-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(EPOCH_CHECK_MS));
+            let ours = epoch();
+            match tiebreak.current(&vm_id) {
+                Ok(Some((e, holder))) if e > ours && holder != owner => primary::halt(format!(
+                    "epoch {e} of {vm_id} was claimed by {holder} while this replica ran as its \
+                     primary in epoch {ours} (another pair of this VM was started): it halts"
+                )),
+                Ok(_) => {}
+                Err(e) => eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}"),
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| crate::opts::Failure::usage(format!("cannot start the epoch watch: {e}")))
+}
+
 /// Installs SIGTERM/SIGINT handlers that request a power-off, delivered to the VM through the
 /// log (a control operation), so every replica stops at the same point. Returns a guard; the
 /// watcher thread ends when the VM's control channel closes.

@@ -23,6 +23,14 @@ const TICK_MS: u64 = 5;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
+    // Listen first: a second start on an address in use stops here, before it claims an epoch
+    // (a claim would depose the pair that runs there).
+    let listener = TcpListener::bind(node.log_addr).map_err(|e| {
+        Failure::usage(format!(
+            "cannot listen for the log channel on {}: {e}",
+            node.log_addr
+        ))
+    })?;
     // Claim the pair's epoch: a new pair starts one past whatever was claimed before.
     let epoch = node
         .tiebreak
@@ -45,12 +53,6 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         node.vm_id, node.log_addr
     );
 
-    let listener = TcpListener::bind(node.log_addr).map_err(|e| {
-        Failure::usage(format!(
-            "cannot listen for the log channel on {}: {e}",
-            node.log_addr
-        ))
-    })?;
     let (stream, hs, link) = accept_backup(&listener, &node, &header, epoch)?;
     eprintln!(
         "ftvm: backup connected from {}",
@@ -84,6 +86,13 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         .name("ftvm-refuser".into())
         .spawn(move || refuse_late_backups(&listener, &s))
         .map_err(|e| Failure::usage(format!("cannot start the listener thread: {e}")))?;
+    let s = shared.clone();
+    super::spawn_epoch_watch(
+        node.tiebreak.clone(),
+        node.vm_id.clone(),
+        node.owner.clone(),
+        move || s.lock().epoch,
+    )?;
     let s = shared.clone();
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
