@@ -158,6 +158,10 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 
 /// How long a refusal to a late backup may take to write.
 const REFUSAL_WRITE_TIMEOUT_MS: u64 = 1_000;
+/// At most one line about refused backups per this long (a flood of connections is counted).
+const REFUSAL_LOG_INTERVAL_MS: u64 = 1_000;
+/// The pause after a failed accept (out of descriptors, say), so that it is not retried hot.
+const ACCEPT_RETRY_MS: u64 = 100;
 
 /// Answers every backup that connects after the pair formed with a refusal (`HelloAck` with
 /// `ok: false`, in our epoch), so that it stops at once with the reason, instead of waiting out
@@ -166,8 +170,13 @@ fn refuse_late_backups(listener: &TcpListener, shared: &Shared) {
     if listener.set_nonblocking(false).is_err() {
         return;
     }
+    let mut last_logged: Option<Instant> = None;
+    let mut unlogged = 0u64;
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            std::thread::sleep(Duration::from_millis(ACCEPT_RETRY_MS));
+            continue;
+        };
         let (epoch, reason) = {
             let d = shared.lock();
             let reason = if d.alone {
@@ -181,7 +190,18 @@ fn refuse_late_backups(listener: &TcpListener, shared: &Shared) {
             };
             (d.epoch, reason)
         };
-        eprintln!("ftvm: refused a backup that connected late: {reason}");
+        unlogged += 1;
+        if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_millis(REFUSAL_LOG_INTERVAL_MS))
+        {
+            let count = if unlogged > 1 {
+                format!(" ({unlogged} since the last such line)")
+            } else {
+                String::new()
+            };
+            eprintln!("ftvm: refused a backup that connected late{count}: {reason}");
+            last_logged = Some(Instant::now());
+            unlogged = 0;
+        }
         let refusal = Frame::new(
             epoch,
             ftvm_repl::wire::Message::HelloAck { ok: false, reason },
