@@ -191,13 +191,14 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
     });
     // Kill the primary a third of the way through.
     let mut killed_at = None;
+    let mut status_at_kill = None;
     while let Ok(acked) = progress_rx.recv_timeout(Duration::from_secs(DEMO_TIMEOUT_S)) {
         println!("  client | {acked} INCRs acknowledged");
         if killed_at.is_none() && acked >= LAB_DEMO_REQUESTS / 3 {
-            let bandwidth = std::fs::read_to_string(&status)
+            status_at_kill = std::fs::read_to_string(&status)
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-            if let Some(b) = bandwidth {
+            if let Some(b) = &status_at_kill {
                 println!(
                     "  status | primary epoch {} log bandwidth {:.2} Mbit/s, outputs held {}",
                     b["epoch"],
@@ -228,6 +229,13 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
         "  client-visible stall   {} ms (longest wait for one reply)",
         worst.as_millis()
     );
+    if let Some(b) = &status_at_kill {
+        println!(
+            "  log bandwidth          {:.2} Mbit/s just before the kill ({} bytes of log until then)",
+            b["log_bandwidth_bps"].as_u64().unwrap_or(0) as f64 / 1e6,
+            b["log_bytes_sent"]
+        );
+    }
     if let Some(b) = std::fs::read_to_string(dir.join("backup.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
