@@ -69,6 +69,7 @@ impl Pair {
         let mut v: Vec<String> = std::fs::read_dir(dir)
             .map(|d| {
                 d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with("epoch-"))
                     .collect()
             })
             .unwrap_or_default();
@@ -519,25 +520,41 @@ fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
     let mut twin = pair.start("t", "primary", log, &[]);
     twin.expect_exit(2, Duration::from_secs(5));
     assert!(twin.stderr().contains("cannot listen"), "{}", twin.stderr());
+    // Another address: the running primary's beats keep the new one from claiming.
+    let mut second = pair.start("c", "primary", free_port(), &[]);
+    second.expect_exit(127, Duration::from_secs(10));
+    assert!(
+        second
+            .stderr()
+            .contains("sleeper is running: its primary a (epoch 1) is alive"),
+        "{}",
+        second.stderr()
+    );
     assert_eq!(pair.claims(), vec!["epoch-00000000000000000001"]);
 
-    // Another address: the new pair claims epoch 2, and the running primary, seeing a newer
-    // epoch held by someone else, halts within its check period; its backup cannot go live.
+    // A pair that stands still (both paused) beats no more: a new pair starts and claims epoch
+    // 2; when the old pair wakes up, both of its replicas halt, and only the new pair emits.
+    primary.signal(libc::SIGSTOP);
+    backup.signal(libc::SIGSTOP);
     let log2 = free_port();
-    let mut second = pair.start("c", "primary", log2, &[]);
-    let mut second_backup = pair.start("d", "backup", log2, &[]);
+    let mut third = pair.start("e", "primary", log2, &[]);
+    let mut third_backup = pair.start("f", "backup", log2, &[]);
+    wait_until(Duration::from_secs(10), || {
+        third.stderr().contains("at epoch 2")
+    });
+    let printed = primary.stdout();
+    primary.signal(libc::SIGCONT);
+    backup.signal(libc::SIGCONT);
     primary.expect_exit(127, Duration::from_secs(5));
-    assert!(
-        primary
-            .stderr()
-            .contains("another pair of this VM was started"),
-        "{}",
-        primary.stderr()
-    );
     backup.expect_exit(127, Duration::from_secs(10));
     assert!(!backup.stderr().contains("LIVE"), "{}", backup.stderr());
-    second.expect_exit(0, Duration::from_secs(30));
-    second_backup.expect_exit(0, Duration::from_secs(30));
+    assert_eq!(
+        primary.stdout(),
+        printed,
+        "the deposed primary printed nothing more"
+    );
+    third.expect_exit(0, Duration::from_secs(30));
+    third_backup.expect_exit(0, Duration::from_secs(30));
     assert_eq!(
         pair.claims(),
         vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]
@@ -545,8 +562,8 @@ fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
 }
 
 #[test]
-fn a_backup_that_went_live_also_halts_when_a_newer_pair_claims_the_vm() {
-    let pair = Pair::new(60, 100);
+fn no_pair_starts_beside_a_backup_that_went_live_and_one_starts_at_once_after_it_ended() {
+    let pair = Pair::new(40, 100);
     let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
@@ -556,19 +573,33 @@ fn a_backup_that_went_live_also_halts_when_a_newer_pair_claims_the_vm() {
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
     wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
-    let log2 = free_port();
-    let mut second = pair.start("c", "primary", log2, &[]);
-    let mut second_backup = pair.start("d", "backup", log2, &[]);
-    backup.expect_exit(127, Duration::from_secs(5));
+    let mut second = pair.start("c", "primary", free_port(), &[]);
+    second.expect_exit(127, Duration::from_secs(10));
     assert!(
-        backup
-            .stderr()
-            .contains("claimed by c while this replica ran as its primary in epoch 2"),
+        second.stderr().contains("its primary b (epoch 2) is alive"),
         "{}",
-        backup.stderr()
+        second.stderr()
     );
-    second.expect_exit(0, Duration::from_secs(30));
-    second_backup.expect_exit(0, Duration::from_secs(30));
+    backup.expect_exit(0, Duration::from_secs(30));
+    // Its last beat says it stopped: the next pair need not wait for beats.
+    let log2 = free_port();
+    let mut third = pair.start("e", "primary", log2, &[]);
+    let mut third_backup = pair.start("f", "backup", log2, &[]);
+    third.expect_exit(0, Duration::from_secs(30));
+    third_backup.expect_exit(0, Duration::from_secs(30));
+    assert!(
+        !third.stderr().contains("watching for its beats"),
+        "{}",
+        third.stderr()
+    );
+    assert_eq!(
+        pair.claims(),
+        vec![
+            "epoch-00000000000000000001",
+            "epoch-00000000000000000002",
+            "epoch-00000000000000000003"
+        ]
+    );
 }
 
 /// An `fsx` pair that ran to its end: the replicas and their exit codes.

@@ -9,6 +9,8 @@
 //!   failure: range key                        -> the holder, read in the same transaction
 //! ```
 //!
+//! The liveness record ([`Beat`]) is a plain put on `ftvm/V/beat`, outside the claims' range.
+//!
 //! etcd serialises transactions through Raft, so exactly one claimant sees `succeeded`. Reading the
 //! holder in the failure branch (rather than with a second request) means the answer is consistent
 //! with the comparison that failed.
@@ -27,7 +29,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::{
-    epoch_digits, outcome_for, parse_epoch_digits, validate_claim, validate_vm_id, Outcome,
+    epoch_digits, outcome_for, parse_epoch_digits, validate_claim, validate_vm_id, Beat, Outcome,
     TestAndSet, TiebreakError,
 };
 
@@ -191,6 +193,48 @@ impl TestAndSet for EtcdTiebreaker {
         let holder = decode_text(kv.get("value")).ok_or_else(|| bad("an unreadable holder"))?;
         Ok(Some((epoch, holder)))
     }
+
+    fn beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError> {
+        validate_claim(vm_id, beat.epoch, &beat.owner)?;
+        let request = json!({
+            "key": B64.encode(beat_key(vm_id)),
+            "value": B64.encode(beat.encode()),
+        });
+        let (endpoint, answer) = self.call("/v3/kv/put", &request)?;
+        if answer.get("header").is_none() {
+            return Err(TiebreakError::EtcdProtocol {
+                endpoint,
+                what: format!("no header in the put answer {answer}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn last_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError> {
+        validate_vm_id(vm_id)?;
+        let request = json!({ "key": B64.encode(beat_key(vm_id)) });
+        let (endpoint, answer) = self.call("/v3/kv/range", &request)?;
+        let bad = |what: &str| TiebreakError::EtcdProtocol {
+            endpoint: endpoint.clone(),
+            what: format!("{what} in the range answer {answer}"),
+        };
+        if answer.get("header").is_none() {
+            return Err(bad("no header"));
+        }
+        let Some(kv) = answer.pointer("/kvs/0") else {
+            return Ok(None);
+        };
+        decode_text(kv.get("value"))
+            .as_deref()
+            .and_then(Beat::decode)
+            .map(Some)
+            .ok_or_else(|| bad("an unreadable beat"))
+    }
+}
+
+/// The liveness record's key: outside every VM's claims range (`.../epoch/`).
+fn beat_key(vm_id: &str) -> String {
+    format!("{ETCD_KEY_PREFIX}{vm_id}/beat")
 }
 
 fn claims_prefix(vm_id: &str) -> String {

@@ -16,6 +16,10 @@
 //! - [`EtcdTiebreaker`]: an etcd v3 cluster through its JSON gateway; a claim is a transaction that
 //!   puts a key only if it was never created.
 //!
+//! Besides claims, each store keeps one liveness record per VM, a [`Beat`], which whatever runs
+//! as the VM's primary overwrites every so often: a starter of a new pair reads it twice, some
+//! time apart, to tell a running pair from a dead one. It is advisory; claims alone decide.
+//!
 //! **API boundary.** This crate does no waiting and no retrying: an unreachable store is an error
 //! ([`TiebreakError::is_transient`] says so) and the caller decides how long to wait. It keeps no
 //! cache: every answer comes from the store.
@@ -47,6 +51,45 @@ pub trait TestAndSet: Send + Sync {
     /// Highest epoch claimed so far for `vm_id` (`None` if none) and its owner — for status and for
     /// starting a new pair.
     fn current(&self, vm_id: &str) -> Result<Option<(u64, String)>, TiebreakError>;
+    /// Overwrites the liveness record of `vm_id` with `beat`: whatever runs as the VM's primary
+    /// writes one every so often, and a last one saying it stopped when it ends cleanly. Not a
+    /// claim: any writer may overwrite it, and it decides nothing by itself.
+    fn beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError>;
+    /// The last [`Beat`] written for `vm_id`, if any.
+    fn last_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError>;
+}
+
+/// A liveness record: `owner`, the primary of the VM in `epoch`, wrote its `count`th beat, or,
+/// with `count == BEAT_STOPPED`, stopped cleanly. A starter of a new pair reads it twice, some
+/// time apart: if it changed, a primary runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Beat {
+    pub epoch: u64,
+    pub count: u64,
+    pub owner: String,
+}
+
+/// The `count` of the last beat of a primary that stopped cleanly.
+pub const BEAT_STOPPED: u64 = u64::MAX;
+
+impl Beat {
+    fn encode(&self) -> String {
+        format!("{} {} {}\n", self.epoch, self.count, self.owner)
+    }
+
+    fn decode(text: &str) -> Option<Beat> {
+        let line = text.strip_suffix('\n')?;
+        let mut parts = line.splitn(3, ' ');
+        let epoch = parts.next()?.parse().ok()?;
+        let count = parts.next()?.parse().ok()?;
+        let owner = parts.next()?.to_string();
+        validate_owner(&owner).ok()?;
+        Some(Beat {
+            epoch,
+            count,
+            owner,
+        })
+    }
 }
 
 /// The answer of a test-and-set.
@@ -233,6 +276,19 @@ mod tests {
             None,
             "overflows u64"
         );
+    }
+
+    #[test]
+    fn beats_round_trip_and_nonsense_is_not_a_beat() {
+        let beat = Beat {
+            epoch: 7,
+            count: BEAT_STOPPED,
+            owner: "host a/12".into(),
+        };
+        assert_eq!(Beat::decode(&beat.encode()), Some(beat));
+        for bad in ["", "7 1 a", "7 x a\n", "7 1 \n", "x 1 a\n"] {
+            assert_eq!(Beat::decode(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   <vm_id>/                              created on the first claim for that VM
 //!     epoch-00000000000000000001          "<owner>\n"
 //!     epoch-00000000000000000002          "<owner>\n"
+//!     beat                                "<epoch> <count> <owner>\n", replaced whole (rename)
 //! ```
 //!
 //! A claim creates its file with `O_CREAT | O_EXCL`: the file system lets exactly one creator
@@ -27,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::{
-    epoch_digits, outcome_for, parse_epoch_digits, validate_claim, validate_vm_id, Outcome,
+    epoch_digits, outcome_for, parse_epoch_digits, validate_claim, validate_vm_id, Beat, Outcome,
     TestAndSet, TiebreakError, HOLDER_UNKNOWN, OWNER_BYTES_MAX,
 };
 
@@ -146,6 +147,56 @@ impl TestAndSet for SharedDirTiebreaker {
             }
         }
     }
+
+    fn beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError> {
+        self.write_beat(vm_id, beat)
+    }
+
+    fn last_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError> {
+        self.read_beat(vm_id)
+    }
+}
+
+const BEAT_FILE: &str = "beat";
+
+impl SharedDirTiebreaker {
+    fn beat_path(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join(BEAT_FILE)
+    }
+
+    pub(crate) fn write_beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError> {
+        validate_claim(vm_id, beat.epoch, &beat.owner)?;
+        let vm_dir = self.vm_dir(vm_id);
+        self.ensure_vm_dir(&vm_dir)?;
+        // Written aside and renamed over the old one, so a reader sees one whole record. The
+        // temporary name is the writer's own (two writers never share one).
+        let tmp = vm_dir.join(format!(".{BEAT_FILE}.{}", std::process::id()));
+        fs::write(&tmp, beat.encode()).map_err(|e| storage("write beat file", &tmp, e))?;
+        let path = self.beat_path(vm_id);
+        fs::rename(&tmp, &path).map_err(|e| storage("rename beat file", &path, e))
+    }
+
+    pub(crate) fn read_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError> {
+        validate_vm_id(vm_id)?;
+        let path = self.beat_path(vm_id);
+        let mut bytes = Vec::new();
+        match File::open(&path) {
+            Ok(f) => f
+                .take(OWNER_BYTES_MAX as u64 + 64)
+                .read_to_end(&mut bytes)
+                .map_err(|e| storage("read beat file", &path, e))?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(storage("read beat file", &path, e)),
+        };
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(Beat::decode)
+            .map(Some)
+            .ok_or_else(|| TiebreakError::CorruptStorage {
+                path,
+                what: "the beat file does not hold one beat line".into(),
+            })
+    }
 }
 
 /// Reads the owner line of a claim file, waiting briefly for a claim that is still being written.
@@ -239,6 +290,28 @@ mod tests {
                 Some((round, winners[0].clone()))
             );
         }
+    }
+
+    #[test]
+    fn beats_are_overwritten_whole_and_are_not_claims() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tb = SharedDirTiebreaker::new(tmp.path());
+        assert_eq!(tb.last_beat("vm1").unwrap(), None);
+        for count in 1..=3 {
+            let beat = Beat {
+                epoch: 2,
+                count,
+                owner: "a".into(),
+            };
+            tb.beat("vm1", &beat).unwrap();
+            assert_eq!(tb.last_beat("vm1").unwrap(), Some(beat));
+        }
+        assert_eq!(tb.current("vm1").unwrap(), None, "a beat claims nothing");
+        std::fs::write(tmp.path().join("vm1/beat"), "garbage").unwrap();
+        assert!(matches!(
+            tb.last_beat("vm1"),
+            Err(TiebreakError::CorruptStorage { .. })
+        ));
     }
 
     #[test]

@@ -217,6 +217,26 @@ fn etcd_sixteen_racers_one_winner() {
 }
 
 #[test]
+fn etcd_beats_are_overwritten_and_are_not_claims() {
+    let Some(etcd) = EtcdServer::start("etcd_beats_are_overwritten_and_are_not_claims") else {
+        return;
+    };
+    let tb = etcd.tiebreaker();
+    assert_eq!(tb.last_beat("vm1").unwrap(), None);
+    for count in [1, 2, ftvm_tiebreak::BEAT_STOPPED] {
+        let beat = ftvm_tiebreak::Beat {
+            epoch: 3,
+            count,
+            owner: "a".into(),
+        };
+        tb.beat("vm1", &beat).unwrap();
+        assert_eq!(tb.last_beat("vm1").unwrap(), Some(beat));
+    }
+    assert_eq!(tb.current("vm1").unwrap(), None, "a beat claims nothing");
+    assert_eq!(tb.last_beat("vm10").unwrap(), None);
+}
+
+#[test]
 fn etcd_epochs_and_vms_are_independent() {
     let Some(etcd) = EtcdServer::start("etcd_epochs_and_vms_are_independent") else {
         return;

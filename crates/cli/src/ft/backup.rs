@@ -133,6 +133,14 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     drop(vm);
     live.store(true, Ordering::SeqCst);
     let _ = driver_thread.join();
+    let ended_everywhere = match &outcome {
+        Ok(_) => true,
+        Err(e) => e.ends_the_vm_everywhere(),
+    };
+    if went_live.is_some() && ended_everywhere {
+        // This replica was the VM's primary, and the VM has ended: a new pair may start at once.
+        super::beat_stopped(&*node.tiebreak, &node.vm_id, &node.owner, epoch + 1);
+    }
     match outcome {
         Ok(VmOutcome::Exited(c)) => {
             eprintln!(

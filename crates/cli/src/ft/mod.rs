@@ -232,11 +232,77 @@ fn set_stream_options(stream: &TcpStream) -> std::io::Result<()> {
 /// this replica then halts, so the two never both emit for much longer than this.
 pub const EPOCH_CHECK_MS: u64 = 1_000;
 
-/// Starts the thread that does that check every [`EPOCH_CHECK_MS`] for a replica that runs as a
-/// primary in epoch `epoch()`. A thread of its own: a slow tiebreaker must not hold up heartbeats
-/// or acks. Only a newer epoch held by another owner halts (our own newer claim, made while going
-/// on alone, does not); an unreachable store is no evidence and only warns. The thread ends with
-/// the process.
+/// How long a starting primary watches the VM's liveness record ([`ftvm_tiebreak::Beat`]) for a
+/// running primary's beats, written every [`EPOCH_CHECK_MS`].
+pub const LIVENESS_WAIT_MS: u64 = 2 * EPOCH_CHECK_MS + EPOCH_CHECK_MS / 2;
+
+/// Refuses to start a pair of a VM whose primary runs: its liveness record changes within
+/// [`LIVENESS_WAIT_MS`]. A record that says the primary stopped, or none at all, lets the start
+/// go on at once; one that stands still that long is a primary that died without a word.
+pub fn refuse_if_running(
+    tiebreak: &dyn ftvm_tiebreak::TestAndSet,
+    vm_id: &str,
+) -> Result<(), crate::opts::Failure> {
+    let read = || {
+        tiebreak
+            .last_beat(vm_id)
+            .map_err(|e| crate::opts::Failure::usage(format!("tiebreaker: {e}")))
+    };
+    let Some(first) = read()? else { return Ok(()) };
+    if first.count == ftvm_tiebreak::BEAT_STOPPED {
+        return Ok(());
+    }
+    eprintln!(
+        "ftvm: {vm_id} had a primary ({}, epoch {}); watching for its beats for {LIVENESS_WAIT_MS} ms",
+        first.owner, first.epoch
+    );
+    std::thread::sleep(Duration::from_millis(LIVENESS_WAIT_MS));
+    match read()? {
+        Some(now) if now != first && now.count != ftvm_tiebreak::BEAT_STOPPED => {
+            Err(crate::opts::Failure {
+                code: ftvm_vm::exit_code::HALTED,
+                message: format!(
+                    "{vm_id} is running: its primary {} (epoch {}) is alive; stop that pair \
+                     before starting another (two would run side by side)",
+                    now.owner, now.epoch
+                ),
+                detail: String::new(),
+            })
+        }
+        _ => {
+            eprintln!("ftvm: no beat from {}: taken as stopped", first.owner);
+            Ok(())
+        }
+    }
+}
+
+/// Writes the liveness record's last word, "stopped", for a primary whose VM has ended, if it
+/// still holds the newest epoch (a replica that lost it must not silence the one that won).
+pub fn beat_stopped(
+    tiebreak: &dyn ftvm_tiebreak::TestAndSet,
+    vm_id: &str,
+    owner: &str,
+    epoch: u64,
+) {
+    if let Ok(Some((e, holder))) = tiebreak.current(vm_id) {
+        if e == epoch && holder == owner {
+            let beat = ftvm_tiebreak::Beat {
+                epoch,
+                count: ftvm_tiebreak::BEAT_STOPPED,
+                owner: owner.to_string(),
+            };
+            if let Err(e) = tiebreak.beat(vm_id, &beat) {
+                eprintln!("ftvm: cannot record the stop in the tiebreaker: {e}");
+            }
+        }
+    }
+}
+
+/// Starts the thread that writes this replica's beats and does that check every
+/// [`EPOCH_CHECK_MS`], for a replica that runs as a primary in epoch `epoch()`. A thread of its
+/// own: a slow tiebreaker must not hold up heartbeats or acks. Only a newer epoch held by another
+/// owner halts (our own newer claim, made while going on alone, does not); an unreachable store is
+/// no evidence and only warns. The thread ends with the process.
 pub fn spawn_epoch_watch(
     tiebreak: std::sync::Arc<dyn ftvm_tiebreak::TestAndSet>,
     vm_id: String,
@@ -245,20 +311,34 @@ pub fn spawn_epoch_watch(
 ) -> Result<(), crate::opts::Failure> {
     std::thread::Builder::new()
         .name("ftvm-epoch-watch".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(EPOCH_CHECK_MS));
-            let ours = epoch();
-            match tiebreak.current(&vm_id) {
-                Ok(Some((e, holder))) if e > ours && holder != owner => primary::halt(format!(
-                    "epoch {e} of {vm_id} was claimed by {holder} while this replica ran as its \
-                     primary in epoch {ours} (another pair of this VM was started): it halts"
-                )),
-                Ok(_) => {}
-                Err(e) => eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}"),
+        .spawn(move || {
+            for count in 0.. {
+                let beat = ftvm_tiebreak::Beat {
+                    epoch: epoch(),
+                    count,
+                    owner: owner.clone(),
+                };
+                if let Err(e) = tiebreak.beat(&vm_id, &beat) {
+                    eprintln!("ftvm: cannot write this primary's beat to the tiebreaker: {e}");
+                }
+                std::thread::sleep(Duration::from_millis(EPOCH_CHECK_MS));
+                epoch_check(&*tiebreak, &vm_id, &owner, epoch());
             }
         })
         .map(|_| ())
         .map_err(|e| crate::opts::Failure::usage(format!("cannot start the epoch watch: {e}")))
+}
+
+/// Halts this replica if another owner holds a newer epoch of the VM than `ours`.
+fn epoch_check(tiebreak: &dyn ftvm_tiebreak::TestAndSet, vm_id: &str, owner: &str, ours: u64) {
+    match tiebreak.current(vm_id) {
+        Ok(Some((e, holder))) if e > ours && holder != owner => primary::halt(format!(
+            "epoch {e} of {vm_id} was claimed by {holder} while this replica ran as its primary \
+             in epoch {ours} (another pair of this VM was started): it halts"
+        )),
+        Ok(_) => {}
+        Err(e) => eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}"),
+    }
 }
 
 /// Installs SIGTERM/SIGINT handlers that request a power-off, delivered to the VM through the

@@ -31,6 +31,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
             node.log_addr
         ))
     })?;
+    // Not beside a pair of this VM that runs: its primary's beats say so.
+    super::refuse_if_running(&*node.tiebreak, &node.vm_id)?;
     // Claim the pair's epoch: a new pair starts one past whatever was claimed before.
     let epoch = node
         .tiebreak
@@ -52,8 +54,24 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         "ftvm: primary of {} at epoch {epoch}; waiting for the backup on {}",
         node.vm_id, node.log_addr
     );
+    // Beats from the claim on (a pair started meanwhile sees this one), and the epoch watch.
+    let epoch_cell = Arc::new(AtomicU64::new(epoch));
+    let cell = epoch_cell.clone();
+    super::spawn_epoch_watch(
+        node.tiebreak.clone(),
+        node.vm_id.clone(),
+        node.owner.clone(),
+        move || cell.load(Ordering::SeqCst),
+    )?;
 
-    let (stream, hs, link) = accept_backup(&listener, &node, &header, epoch)?;
+    let (stream, hs, link) = match accept_backup(&listener, &node, &header, epoch) {
+        Ok(accepted) => accepted,
+        Err(f) => {
+            // The VM never ran: a new pair of it may start at once.
+            super::beat_stopped(&*node.tiebreak, &node.vm_id, &node.owner, epoch);
+            return Err(f);
+        }
+    };
     eprintln!(
         "ftvm: backup connected from {}",
         stream
@@ -70,7 +88,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
     let shared = Arc::new(Shared {
-        driver: Mutex::new(Driver::new(&node, epoch, link, pacing.clone())),
+        driver: Mutex::new(Driver::new(&node, epoch_cell, link, pacing.clone())),
         wake: Condvar::new(),
         channel: Mutex::new(Some(stream)),
         emitter: Mutex::new(Emitter { transmit }),
@@ -86,13 +104,6 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         .name("ftvm-refuser".into())
         .spawn(move || refuse_late_backups(&listener, &s))
         .map_err(|e| Failure::usage(format!("cannot start the listener thread: {e}")))?;
-    let s = shared.clone();
-    super::spawn_epoch_watch(
-        node.tiebreak.clone(),
-        node.vm_id.clone(),
-        node.owner.clone(),
-        move || s.lock().epoch,
-    )?;
     let s = shared.clone();
     let driver_thread = std::thread::Builder::new()
         .name("ftvm-driver".into())
@@ -148,6 +159,9 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     drop(vm);
     let driver_result = driver_thread.join().expect("driver thread");
     driver_result?;
+    // The VM has ended everywhere: a new pair of it may start at once.
+    let last_epoch = shared.lock().epoch;
+    super::beat_stopped(&*node.tiebreak, &node.vm_id, &node.owner, last_epoch);
     match outcome {
         Ok(VmOutcome::PoweredOff) => eprintln!("ftvm: the VM was powered off"),
         Ok(VmOutcome::Exited(c)) => eprintln!("ftvm: guest exited with {c}"),
@@ -299,6 +313,8 @@ struct Driver {
     vm_id: String,
     owner: String,
     epoch: u64,
+    /// `epoch`, for the epoch watch's thread.
+    epoch_cell: Arc<AtomicU64>,
     failure_timeout_ms: u64,
     link: PrimaryLink,
     rule: OutputRule<Held>,
@@ -342,9 +358,16 @@ struct Driver {
 const RTT_SAMPLES_MAX: usize = 64;
 
 impl Driver {
-    fn new(node: &Node, epoch: u64, link: PrimaryLink, pacing: Arc<Pacing>) -> Driver {
+    fn new(
+        node: &Node,
+        epoch_cell: Arc<AtomicU64>,
+        link: PrimaryLink,
+        pacing: Arc<Pacing>,
+    ) -> Driver {
         let now = now_ms();
+        let epoch = epoch_cell.load(Ordering::SeqCst);
         Driver {
+            epoch_cell,
             vm_id: node.vm_id.clone(),
             owner: node.owner.clone(),
             epoch,
@@ -572,6 +595,7 @@ impl Driver {
             Ok(true) => {
                 eprintln!("ftvm: backup lost; won epoch {next}, going on alone");
                 self.epoch = next;
+                self.epoch_cell.store(next, Ordering::SeqCst);
                 self.alone = true;
                 self.pacing.slowdown_permille.store(0, Ordering::Relaxed);
                 for Held(output) in self.rule.go_alone() {
