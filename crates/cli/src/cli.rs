@@ -26,14 +26,16 @@ usage:
   ftvm ft --vm VM.toml --as primary|backup --log ADDR:PORT --tiebreak dir:PATH|etcd:URL
           [--tap NAME] [--fault SPEC] [--status-file FILE] [--disk HOST_DIR::GUEST_DIR]... [--record LOG]
       Run one replica of a fault-tolerant pair. The primary listens on --log for its backup; the
-      backup connects to it there.
+      backup connects to it there. [--owner NAME] names this replica in the tiebreaker (default
+      host-role-pid); [--wait-ms N] bounds the wait for the peer. A primary does not start beside
+      a running pair of the same VM (the running primary's beats in the tiebreaker say so).
   ftvm demo
       A fault-tolerant pair, a SIGKILL of the primary mid-run, and a report.
   ftvm lab up|down [--name NAME] [--subnet I]
       Build (or remove) the lab: network namespaces NAME-client, NAME-host-a/b/c on one switch,
       198.18.I.0/24.
   ftvm status STATUS_FILE
-      Show a replica's role, epoch, lag, log bandwidth and held outputs.
+      Show a replica's role, whether it still runs, epoch, lag, log bandwidth and held outputs.
 
 VM options:
   --nic tap=NAME,mac=MAC,ip=ADDR/PREFIX[,gw=ADDR][,seed=N][,fault=drop=P;dup=P;reorder=P;delay=MS;seed=N]
