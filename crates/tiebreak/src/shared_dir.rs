@@ -169,8 +169,18 @@ impl SharedDirTiebreaker {
         let vm_dir = self.vm_dir(vm_id);
         self.ensure_vm_dir(&vm_dir)?;
         // Written aside and renamed over the old one, so a reader sees one whole record. The
-        // temporary name is the writer's own (two writers never share one).
-        let tmp = vm_dir.join(format!(".{BEAT_FILE}.{}", std::process::id()));
+        // temporary name is the writer's own: its pid and a hash of its owner string (owners
+        // are unique per claimant; pids alone may repeat across hosts).
+        let owner_hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            beat.owner.hash(&mut h);
+            h.finish()
+        };
+        let tmp = vm_dir.join(format!(
+            ".{BEAT_FILE}.{}.{owner_hash:016x}",
+            std::process::id()
+        ));
         fs::write(&tmp, beat.encode()).map_err(|e| storage("write beat file", &tmp, e))?;
         let path = self.beat_path(vm_id);
         fs::rename(&tmp, &path).map_err(|e| storage("rename beat file", &path, e))
