@@ -563,7 +563,8 @@ fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
 
 #[test]
 fn no_pair_starts_beside_a_backup_that_went_live_and_one_starts_at_once_after_it_ended() {
-    let pair = Pair::new(40, 100);
+    // 6 s of guest: the backup must still run when the second start's 2.5 s watch ends.
+    let pair = Pair::new(60, 100);
     let log = free_port();
     let mut primary = pair.start("a", "primary", log, &[]);
     let mut backup = pair.start("b", "backup", log, &[]);
@@ -807,7 +808,8 @@ fn a_lagging_backup_slows_the_primary_down() {
 
 #[test]
 fn status_tells_a_running_replica_from_its_last_word() {
-    let pair = Pair::new(30, 50);
+    // 4 s of guest: time enough to see it running, even on a loaded machine.
+    let pair = Pair::new(40, 100);
     let log = free_port();
     let file = pair.dir.path().join("a.json");
     let mut primary = pair.start(
