@@ -23,42 +23,18 @@ read -r -a BINS <<<"$FT_BINS"
 F="${BINS[0]#*=}"
 LAB=bab
 S=61
-VM=198.18.$S.50
-HA=198.18.$S.11
 MAC=02:f7:00:00:3d:50
 TMP="$(mktemp -d)"
 PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    cpu_cap_cleanup
-    "$F" lab down --name $LAB >/dev/null 2>&1 || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+source "$REPO/scripts/kv-lab.sh"
+trap kv_lab_cleanup EXIT
 for b in "${BINS[@]}"; do
     [[ -x "${b#*=}" ]] || { echo "not an executable: ${b#*=}" >&2; exit 2; }
 done
 cpu_cap_setup "ab-$LAB" "$CAP_CPU"
-"$F" lab up --name $LAB --subnet $S >/dev/null
-for h in host-a host-b; do
-    ip -n $LAB-$h tuntap add dev tap0 mode tap
-    ip -n $LAB-$h link set tap0 master br0 up
-done
-cat >"$TMP/kv.toml" <<TOML
-name = "ab-ft"
-module = "$G/kv.wasm"
-listen = [6379]
-[nic]
-mac = "$MAC"
-ip = "$VM/24"
-TOML
+kv_lab_up ab-ft
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
-wait_port() {
-    for _ in $(seq 100); do inns client redis-cli -h $VM -p 6379 PING >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "no server at $VM:6379" >&2
-    return 1
-}
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 HZ=$(getconf CLK_TCK)
 switches() { # per thread name: voluntary+involuntary context switches so far

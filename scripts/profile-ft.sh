@@ -14,45 +14,18 @@ SECS="${1:-5}"
 CAP_CPU="${CAP_CPU:-0}"
 LAB=pft
 S=64
-VM=198.18.$S.50
-HA=198.18.$S.11
 MAC=02:f7:00:00:40:50
 TMP="$(mktemp -d)"
 PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
-cleanup() {
-    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-    cpu_cap_cleanup
-    "$F" lab down --name $LAB >/dev/null 2>&1 || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
+source "$REPO/scripts/kv-lab.sh"
+trap kv_lab_cleanup EXIT
 cpu_cap_setup "profile-$LAB" "$CAP_CPU"
 if ! command -v perf >/dev/null; then
     echo "[profile] installing Debian's linux-perf" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
 fi
-"$F" lab up --name $LAB --subnet $S >/dev/null
-for h in host-a host-b; do
-    ip -n $LAB-$h tuntap add dev tap0 mode tap
-    ip -n $LAB-$h link set tap0 master br0 up
-done
-cat >"$TMP/kv.toml" <<TOML
-name = "profile-ft"
-module = "$G/kv.wasm"
-listen = [6379]
-[nic]
-mac = "$MAC"
-ip = "$VM/24"
-TOML
-wait_port() {
-    for _ in $(seq 100); do
-        ip netns exec $LAB-client redis-cli -h $VM -p 6379 PING >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "no server at $VM:6379" >&2
-    return 1
-}
+kv_lab_up profile-ft
 profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s, report
     ip netns exec $LAB-client timeout $((SECS + 30)) redis-benchmark -h $VM -p 6379 -t set \
         -n 100000000 -c 50 -q >"$TMP/$1.bench" 2>&1 &

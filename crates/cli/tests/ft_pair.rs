@@ -64,6 +64,17 @@ impl Pair {
         Proc::spawn(&mut cmd, self.dir.path(), name)
     }
 
+    /// Starts primary "a" and backup "b" on `log` and waits until the primary printed `lines`
+    /// lines: a pair that runs.
+    fn running(&self, log: u16, lines: usize) -> (Proc, Proc) {
+        let primary = self.start("a", "primary", log, &[]);
+        let backup = self.start("b", "backup", log, &[]);
+        wait_until(Duration::from_secs(20), || {
+            iterations(&primary.stdout()).len() >= lines
+        });
+        (primary, backup)
+    }
+
     fn claims(&self) -> Vec<String> {
         let dir = self.dir.path().join("tb/sleeper");
         let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -266,11 +277,7 @@ fn a_full_disk_under_the_primarys_log_copy_does_not_stop_the_vm() {
 fn power_off_travels_through_the_log_and_stops_both() {
     let pair = Pair::new(1000, 20);
     let log = free_port();
-    let mut primary = pair.start("a", "primary", log, &[]);
-    let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || {
-        iterations(&primary.stdout()).len() >= 3
-    });
+    let (mut primary, mut backup) = pair.running(log, 3);
     primary.signal(libc::SIGTERM);
     primary.expect_exit(0, Duration::from_secs(10));
     backup.expect_exit(0, Duration::from_secs(10));
@@ -287,11 +294,7 @@ fn power_off_travels_through_the_log_and_stops_both() {
 fn a_paused_primary_never_speaks_after_the_backup_went_live() {
     let pair = Pair::new(1000, 20);
     let log = free_port();
-    let mut primary = pair.start("a", "primary", log, &[]);
-    let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || {
-        iterations(&primary.stdout()).len() >= 3
-    });
+    let (mut primary, mut backup) = pair.running(log, 3);
     primary.signal(libc::SIGSTOP);
     wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
     let before = primary.stdout();
@@ -467,11 +470,7 @@ fn a_backup_of_another_vm_is_refused() {
 fn a_backup_that_comes_late_is_refused_at_once_with_the_reason() {
     let pair = Pair::new(40, 100);
     let log = free_port();
-    let mut primary = pair.start("a", "primary", log, &[]);
-    let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || {
-        iterations(&primary.stdout()).len() >= 3
-    });
+    let (mut primary, mut backup) = pair.running(log, 3);
     // The handshake timeout is 5 s: a refusal must come well before it.
     let mut second = pair.start("c", "backup", log, &[]);
     second.expect_exit(127, Duration::from_secs(3));
@@ -511,11 +510,7 @@ fn a_backup_that_comes_late_is_refused_at_once_with_the_reason() {
 fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
     let pair = Pair::new(60, 100);
     let log = free_port();
-    let mut primary = pair.start("a", "primary", log, &[]);
-    let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || {
-        iterations(&primary.stdout()).len() >= 3
-    });
+    let (mut primary, mut backup) = pair.running(log, 3);
     // The same log address: refused before it claims anything.
     let mut twin = pair.start("t", "primary", log, &[]);
     twin.expect_exit(2, Duration::from_secs(5));
@@ -566,11 +561,7 @@ fn no_pair_starts_beside_a_backup_that_went_live_and_one_starts_at_once_after_it
     // 6 s of guest: the backup must still run when the second start's 2.5 s watch ends.
     let pair = Pair::new(60, 100);
     let log = free_port();
-    let mut primary = pair.start("a", "primary", log, &[]);
-    let mut backup = pair.start("b", "backup", log, &[]);
-    wait_until(Duration::from_secs(20), || {
-        iterations(&primary.stdout()).len() >= 3
-    });
+    let (mut primary, mut backup) = pair.running(log, 3);
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
     wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
@@ -601,6 +592,36 @@ fn no_pair_starts_beside_a_backup_that_went_live_and_one_starts_at_once_after_it
             "epoch-00000000000000000003"
         ]
     );
+}
+
+#[test]
+fn a_backup_that_went_live_and_stood_still_halts_when_it_finds_a_newer_pair() {
+    let pair = Pair::new(60, 100);
+    let log = free_port();
+    let (mut primary, mut backup) = pair.running(log, 3);
+    primary.signal(libc::SIGKILL);
+    primary.wait(Duration::from_secs(5));
+    wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
+    // Paused, it beats no more: a new pair starts after watching for 2.5 s.
+    backup.signal(libc::SIGSTOP);
+    let log2 = free_port();
+    let mut second = pair.start("c", "primary", log2, &[]);
+    let mut second_backup = pair.start("d", "backup", log2, &[]);
+    wait_until(Duration::from_secs(10), || {
+        second.stderr().contains("at epoch 3")
+    });
+    backup.signal(libc::SIGCONT);
+    // Its epoch watch finds epoch 3 held by another owner.
+    backup.expect_exit(127, Duration::from_secs(5));
+    assert!(
+        backup
+            .stderr()
+            .contains("claimed by c while this replica ran as its primary in epoch 2"),
+        "{}",
+        backup.stderr()
+    );
+    second.expect_exit(0, Duration::from_secs(30));
+    second_backup.expect_exit(0, Duration::from_secs(30));
 }
 
 /// An `fsx` pair that ran to its end: the replicas and their exit codes.

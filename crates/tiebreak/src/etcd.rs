@@ -174,15 +174,7 @@ impl TestAndSet for EtcdTiebreaker {
             "sort_order": "DESCEND",
             "sort_target": "KEY",
         });
-        let (endpoint, answer) = self.call("/v3/kv/range", &request)?;
-        let bad = |what: &str| TiebreakError::EtcdProtocol {
-            endpoint: endpoint.clone(),
-            what: format!("{what} in the range answer {answer}"),
-        };
-        if answer.get("header").is_none() {
-            return Err(bad("no header"));
-        }
-        let Some(kv) = answer.pointer("/kvs/0") else {
+        let Some((kv, bad)) = self.range_first(&request)? else {
             return Ok(None);
         };
         let key = decode_text(kv.get("key")).ok_or_else(|| bad("an unreadable key"))?;
@@ -213,15 +205,7 @@ impl TestAndSet for EtcdTiebreaker {
     fn last_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError> {
         validate_vm_id(vm_id)?;
         let request = json!({ "key": B64.encode(beat_key(vm_id)) });
-        let (endpoint, answer) = self.call("/v3/kv/range", &request)?;
-        let bad = |what: &str| TiebreakError::EtcdProtocol {
-            endpoint: endpoint.clone(),
-            what: format!("{what} in the range answer {answer}"),
-        };
-        if answer.get("header").is_none() {
-            return Err(bad("no header"));
-        }
-        let Some(kv) = answer.pointer("/kvs/0") else {
+        let Some((kv, bad)) = self.range_first(&request)? else {
             return Ok(None);
         };
         decode_text(kv.get("value"))
@@ -229,6 +213,26 @@ impl TestAndSet for EtcdTiebreaker {
             .and_then(Beat::decode)
             .map(Some)
             .ok_or_else(|| bad("an unreadable beat"))
+    }
+}
+
+/// Builds the protocol error for a part of an answer we do not understand.
+type Bad = Box<dyn Fn(&str) -> TiebreakError>;
+
+impl EtcdTiebreaker {
+    /// A range request: its first key-value pair (`None`: no key matched), with the error maker
+    /// for the rest of the caller's reading of it.
+    fn range_first(&self, request: &Value) -> Result<Option<(Value, Bad)>, TiebreakError> {
+        let (endpoint, answer) = self.call("/v3/kv/range", request)?;
+        let text = answer.to_string();
+        let bad: Bad = Box::new(move |what: &str| TiebreakError::EtcdProtocol {
+            endpoint: endpoint.clone(),
+            what: format!("{what} in the range answer {text}"),
+        });
+        if answer.get("header").is_none() {
+            return Err(bad("no header"));
+        }
+        Ok(answer.pointer("/kvs/0").cloned().map(|kv| (kv, bad)))
     }
 }
 

@@ -1,0 +1,37 @@
+# Sourced by benchmark scripts that run the KV guest in a lab of their own, alone or as an FT
+# pair (primary on host-a, backup on host-b), after they set F (the ftvm binary), G (the built
+# guests), LAB, S (the lab's subnet), MAC, TMP and PIDS, and sourced scripts/cpu-cap.sh:
+#   kv_lab_up NAME    the lab, a TAP on host-a and host-b, and $TMP/kv.toml (VM name NAME)
+#   kv_lab_cleanup    kill PIDS, drop the CPU cap, remove the lab and TMP (call from the EXIT trap)
+#   wait_port         wait until the KV guest answers at $VM:6379 (fails after 10 s)
+VM=198.18.$S.50
+HA=198.18.$S.11
+kv_lab_up() {
+    "$F" lab up --name "$LAB" --subnet "$S" >/dev/null
+    for h in host-a host-b; do
+        ip -n "$LAB-$h" tuntap add dev tap0 mode tap
+        ip -n "$LAB-$h" link set tap0 master br0 up
+    done
+    cat >"$TMP/kv.toml" <<TOML
+name = "$1"
+module = "$G/kv.wasm"
+listen = [6379]
+[nic]
+mac = "$MAC"
+ip = "$VM/24"
+TOML
+}
+kv_lab_cleanup() {
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    cpu_cap_cleanup
+    "$F" lab down --name "$LAB" >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+wait_port() {
+    for _ in $(seq 100); do
+        ip netns exec "$LAB-client" redis-cli -h "$VM" -p 6379 PING >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "no server at $VM:6379" >&2
+    return 1
+}
