@@ -10,6 +10,7 @@
 #                             run` uses the first
 #   CAP_CPU=0.5               the server/primary process's CPU budget (scripts/cpu-cap.sh); 0: none
 #   CONC=50 N=100000 TESTS=set,get   redis-benchmark's -c, -n and -t
+#   PIN=P:B:C                 pin the server/primary to CPU P, the backup to B, the client to C
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 G="$REPO/guests/build"
@@ -19,6 +20,11 @@ CAP_CPU="${CAP_CPU:-0.5}"
 CONC="${CONC:-50}"
 N="${N:-100000}"
 TESTS="${TESTS:-set,get}"
+PIN_A=() PIN_B=() PIN_C=()
+if [[ -n "${PIN:-}" ]]; then
+    IFS=: read -r pa pb pc <<<"$PIN"
+    PIN_A=(taskset -c "$pa") PIN_B=(taskset -c "$pb") PIN_C=(taskset -c "$pc")
+fi
 read -r -a BINS <<<"$FT_BINS"
 F="${BINS[0]#*=}"
 LAB=bab
@@ -51,7 +57,7 @@ stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 bench() { # bench NAME SERVER_PID [BACKUP_PID]
     local s0 b0 sw
     s0=$(ticks "$2"); b0=$(ticks "${3:-0}")
-    inns client redis-benchmark -h $VM -p 6379 -t "$TESTS" -n "$N" -c "$CONC" --csv 2>/dev/null |
+    inns client "${PIN_C[@]}" redis-benchmark -h $VM -p 6379 -t "$TESTS" -n "$N" -c "$CONC" --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR > 1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2 }' \
             | tee -a "$TMP/rps"
     sw=$(switches "$2")
@@ -62,7 +68,7 @@ bench() { # bench NAME SERVER_PID [BACKUP_PID]
 }
 for ((r = 0; r < ROUNDS; r++)); do
     echo "round $((r + 1))"
-    ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 &
+    ip netns exec $LAB-host-a "${PIN_A[@]}" "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 &
     p=$!; PIDS+=($p)
     cpu_cap $p
     wait_port
@@ -71,10 +77,10 @@ for ((r = 0; r < ROUNDS; r++)); do
     for b in "${BINS[@]}"; do
         name="${b%%=*}"; bin="${b#*=}"
         rm -rf "$TMP/tb" "$TMP/a.json"
-        ip netns exec $LAB-host-a "$bin" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+        ip netns exec $LAB-host-a "${PIN_A[@]}" "$bin" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" \
             --tap tap0 --status-file "$TMP/a.json" >/dev/null 2>&1 &
         pa=$!; PIDS+=($pa)
-        ip netns exec $LAB-host-b "$bin" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+        ip netns exec $LAB-host-b "${PIN_B[@]}" "$bin" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" \
             --tap tap0 >/dev/null 2>&1 &
         pb=$!; PIDS+=($pb)
         cpu_cap $pa
@@ -86,7 +92,7 @@ for ((r = 0; r < ROUNDS; r++)); do
         stop $pa; stop $pb
     done
 done
-echo "medians over $ROUNDS rounds; redis-benchmark -t $TESTS -n $N -c $CONC, CAP_CPU=$CAP_CPU"
+echo "medians over $ROUNDS rounds; redis-benchmark -t $TESTS -n $N -c $CONC, CAP_CPU=$CAP_CPU, PIN=${PIN:-none}"
 python3 - "$TMP/rps" "$TMP/cpu" "$TMP/writes" <<'PY'
 import sys, statistics as st, collections as co
 rps, cpu, writes = co.defaultdict(list), co.defaultdict(list), co.defaultdict(list)

@@ -7,13 +7,16 @@
 #   (e), (f) = (a), (d) with the primary's "host" given a fixed CPU budget (a cgroup CPU quota of
 #       CAP_CPU, default 0.5 CPU, on the ftvm process in both): the primary is the bottleneck, the
 #       backup and the client get the rest of the machine, as with hosts of their own
+#   (g), (h) = (e), (f) with the replicas (or the plain server) pinned to CPU 0 and the client to
+#       CPU 1: the log channel's wake-ups then stay on one CPU (a wake-up across CPUs costs this
+#       machine about 20 times as much: scripts/wake-cost.sh), the client has a CPU of its own
 # with the CPU time the server (primary) and the backup processes used per request; then
 # single-stream echo throughput (ftvm vs native), the log bandwidth of the FT pair under load,
 # and the client-visible stall of a failover (SIGKILL of the primary during an INCR loop).
 # Usage: scripts/bench-kv.sh [REQUESTS] [ROUNDS]      (root; run scripts/setup.sh first)
 #        PIPELINE=16 scripts/bench-kv.sh ...            (redis-benchmark -P 16)
 #        CONC=200 scripts/bench-kv.sh ...               (200 clients instead of 50)
-#        CAP_CPU=0 scripts/bench-kv.sh ...              (no capped configurations)
+#        CAP_CPU=0 scripts/bench-kv.sh ...              (no capped or pinned configurations)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
@@ -56,10 +59,11 @@ TOML
 wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1:$2" >&2; return 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # user+system, clock ticks
 HZ=$(getconf CLK_TCK)
+CLIENT_PIN=() # set by run_vm and ft_pair for the pinned configurations
 bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test rps p50 p99" lines
     local s0 b0
     s0=$(ticks "${4:-0}"); b0=$(ticks "${5:-0}")
-    inns client redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c "$CONC" ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
+    inns client "${CLIENT_PIN[@]}" redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c "$CONC" ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
     # CPU microseconds per request of the server (primary) and of the backup, over all 4 tests.
     awk -v n="$1" -v s="$(( $(ticks "${4:-0}") - s0 ))" -v b="$(( $(ticks "${5:-0}") - b0 ))" -v hz="$HZ" -v r="$((4 * N))" \
@@ -67,18 +71,26 @@ bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-run_vm() { # run_vm NAME [cap]
-    ip netns exec $LAB-host-a "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
-    [[ "${2:-}" == cap ]] && cpu_cap $p
+# placement MODE: the commands' prefix for the replicas (REPLICA_PIN) and the client (CLIENT_PIN);
+# MODE is "", cap (the CPU cap only) or pin (the cap, the replicas on CPU 0, the client on CPU 1).
+placement() {
+    REPLICA_PIN=() CLIENT_PIN=()
+    if [[ "$1" == pin ]]; then REPLICA_PIN=(taskset -c 0) CLIENT_PIN=(taskset -c 1); fi
+}
+run_vm() { # run_vm NAME [cap|pin]
+    placement "${2:-}"
+    ip netns exec $LAB-host-a "${REPLICA_PIN[@]}" "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    [[ -n "${2:-}" ]] && cpu_cap $p
     wait_port $VM 6379; bench "$1" $VM 6379 $p; stop $p
 }
-ft_pair() { # ft_pair NAME [cap]
+ft_pair() { # ft_pair NAME [cap|pin]
+    placement "${2:-}"
     rm -rf "$TMP/tb" "$TMP/a.json"
-    ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+    ip netns exec $LAB-host-a "${REPLICA_PIN[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         --status-file "$TMP/a.json" >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
-    ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+    ip netns exec $LAB-host-b "${REPLICA_PIN[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
-    [[ "${2:-}" == cap ]] && cpu_cap $pa
+    [[ -n "${2:-}" ]] && cpu_cap $pa
     wait_port $VM 6379
     for _ in $(seq 50); do [[ -s "$TMP/a.json" ]] && break; sleep 0.1; done
     b0=$(python3 -c "import json;print(json.load(open('$TMP/a.json'))['log_bytes_sent'])"); t0=$(date +%s%N)
@@ -99,6 +111,8 @@ for ((r = 0; r < ROUNDS; r++)); do
     if [[ "$CAP_CPU" != 0 ]]; then
         run_vm run-cap cap
         ft_pair ft-cap cap
+        run_vm run-1cpu pin
+        ft_pair ft-1cpu pin
     fi
 done
 
@@ -111,10 +125,10 @@ for line in open(sys.argv[1]):
     parts = rest.rsplit(" ", 3)
     test, rps, p50, p99 = parts[0], float(parts[1]), float(parts[2]), float(parts[3])
     rows[(name, test)].append((rps, p50, p99))
-names = ["ftvm-run", "native-kv", "redis-server", "ftvm-ft", "run-cap", "ft-cap"]
+names = ["ftvm-run", "native-kv", "redis-server", "ftvm-ft", "run-cap", "ft-cap", "run-1cpu", "ft-1cpu"]
 names = [n for n in names if any(k[0] == n for k in rows)]
 tests = sorted({t for (_, t) in rows})
-print(f"{'test':<14}" + "".join(f"{n:>26}" for n in names) + f"{'run/native':>12}{'ft/run':>9}{'capped ft/run':>15}")
+print(f"{'test':<14}" + "".join(f"{n:>26}" for n in names) + f"{'run/native':>12}{'ft/run':>9}{'capped ft/run':>15}{'one-CPU ft/run':>16}")
 for t in tests:
     cells, med = "", {}
     for n in names:
@@ -125,7 +139,7 @@ for t in tests:
         med[n] = rps
         cells += f"{rps:>12.0f} {p50:>5.3f}/{p99:>6.3f}"
     r = lambda a, b: med.get(a, 0) / med[b] if med.get(b) else 0
-    print(f"{t:<14}{cells}{r('ftvm-run', 'native-kv'):>12.3f}{r('ftvm-ft', 'ftvm-run'):>9.3f}{r('ft-cap', 'run-cap'):>15.3f}")
+    print(f"{t:<14}{cells}{r('ftvm-run', 'native-kv'):>12.3f}{r('ftvm-ft', 'ftvm-run'):>9.3f}{r('ft-cap', 'run-cap'):>15.3f}{r('ft-1cpu', 'run-1cpu'):>16.3f}")
 PY
 echo "CPU per request (us, median over rounds, all 4 tests): server or primary process / backup process"
 python3 - "$TMP/cpu" <<'PY'
