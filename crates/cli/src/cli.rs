@@ -28,7 +28,9 @@ usage:
       Run one replica of a fault-tolerant pair. The primary listens on --log for its backup; the
       backup connects to it there. [--owner NAME] names this replica in the tiebreaker (default
       host-role-pid); [--wait-ms N] bounds the wait for the peer. A primary does not start beside
-      a running pair of the same VM (the running primary's beats in the tiebreaker say so).
+      a running pair of the same VM (the running primary's beats in the tiebreaker say so). A
+      replica running without a backup holds its outputs while it cannot confirm its epoch with
+      the tiebreaker, and halts after 30 s of that.
   ftvm demo
       A fault-tolerant pair, a SIGKILL of the primary mid-run, and a report.
   ftvm lab up|down [--name NAME] [--subnet I]

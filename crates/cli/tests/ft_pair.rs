@@ -595,10 +595,17 @@ fn no_pair_starts_beside_a_backup_that_went_live_and_one_starts_at_once_after_it
 }
 
 #[test]
-fn a_backup_that_went_live_and_stood_still_halts_when_it_finds_a_newer_pair() {
-    let pair = Pair::new(60, 100);
+fn a_backup_that_went_live_and_stood_still_halts_silently_when_it_finds_a_newer_pair() {
+    // A line every 2 ms: a replica that resumed and emitted before it checked would print some.
+    let pair = Pair::new(3000, 2);
     let log = free_port();
-    let (mut primary, mut backup) = pair.running(log, 3);
+    let mut primary = pair.start("a", "primary", log, &[]);
+    // Its epoch watch checks once a minute: what keeps it silent is its tenure, which a pause
+    // outlasts: it must ask the tiebreaker before its next output.
+    let mut backup = pair.start("b", "backup", log, &["--epoch-check-ms", "60000"]);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
     wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
@@ -610,18 +617,108 @@ fn a_backup_that_went_live_and_stood_still_halts_when_it_finds_a_newer_pair() {
     wait_until(Duration::from_secs(10), || {
         second.stderr().contains("at epoch 3")
     });
+    let before = backup.stdout();
     backup.signal(libc::SIGCONT);
-    // Its epoch watch finds epoch 3 held by another owner.
+    // It finds epoch 3 held by another owner before it emits anything.
     backup.expect_exit(127, Duration::from_secs(5));
     assert!(
-        backup
-            .stderr()
-            .contains("claimed by c while this replica ran as its primary in epoch 2"),
+        backup.stderr().contains(
+            "epoch 3 of sleeper was claimed by c while this replica ran as its primary in epoch 2"
+        ),
         "{}",
         backup.stderr()
     );
+    assert_eq!(
+        backup.stdout(),
+        before,
+        "the replica that went live emitted output after it resumed, beside a newer pair"
+    );
     second.expect_exit(0, Duration::from_secs(30));
     second_backup.expect_exit(0, Duration::from_secs(30));
+}
+
+#[test]
+fn a_backup_that_went_live_cut_off_from_the_tiebreaker_goes_quiet_before_a_newer_pair_runs() {
+    alone_and_cut_off_from_the_tiebreaker(Survivor::Backup);
+}
+
+#[test]
+fn a_primary_gone_on_alone_cut_off_from_the_tiebreaker_goes_quiet_before_a_newer_pair_runs() {
+    alone_and_cut_off_from_the_tiebreaker(Survivor::Primary);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Survivor {
+    Primary,
+    Backup,
+}
+
+/// One replica of a pair runs alone (the other was killed) when it loses sight of the
+/// tiebreaker, and a second pair of its VM starts (an operator's mistake): the first emits
+/// nothing once the second has claimed, and halts when it can ask again.
+fn alone_and_cut_off_from_the_tiebreaker(survivor: Survivor) {
+    // One store, which the first pair sees through a symbolic link that the test removes. The
+    // survivor's beats stop with it, so the second pair starts after watching them for 2.5 s.
+    let store = tempfile::tempdir().unwrap();
+    let tb = store.path().join("tb");
+    let view = store.path().join("view");
+    std::fs::create_dir(&tb).unwrap();
+    std::os::unix::fs::symlink(&tb, &view).unwrap();
+    // A line every 2 ms for 12 s.
+    let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
+    let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
+    let log = free_port();
+    let (primary, backup) = first.running(log, 3);
+    let (mut dead, mut alone, alone_msg) = match survivor {
+        Survivor::Backup => (primary, backup, "LIVE"),
+        Survivor::Primary => (backup, primary, "going on alone"),
+    };
+    dead.signal(libc::SIGKILL);
+    dead.wait(Duration::from_secs(5));
+    wait_until(Duration::from_secs(10), || {
+        alone.stderr().contains(alone_msg)
+    });
+    let printed = iterations(&alone.stdout()).len();
+    wait_until(Duration::from_secs(10), || {
+        iterations(&alone.stdout()).len() > printed + 100
+    });
+    std::fs::remove_file(&view).unwrap();
+    let log2 = free_port();
+    let mut c = second.start("c", "primary", log2, &[]);
+    let mut d = second.start("d", "backup", log2, &[]);
+    wait_until(Duration::from_secs(15), || {
+        c.stderr().contains("at epoch 3")
+    });
+    // From the new pair's claim on, the first is silent: its tenure ran out before.
+    let at_claim = alone.stdout();
+    assert!(
+        alone
+            .stderr()
+            .contains("holding outputs: cannot confirm epoch 2"),
+        "{}",
+        alone.stderr()
+    );
+    wait_until(Duration::from_secs(15), || {
+        iterations(&c.stdout()).len() >= 100
+    });
+    assert_eq!(
+        alone.stdout(),
+        at_claim,
+        "the replica cut off from the tiebreaker emitted beside the newer pair"
+    );
+    // Back in touch, it finds the newer epoch and halts, still silent.
+    std::os::unix::fs::symlink(&tb, &view).unwrap();
+    alone.expect_exit(127, Duration::from_secs(10));
+    assert!(
+        alone
+            .stderr()
+            .contains("epoch 3 of sleeper was claimed by c while this replica ran"),
+        "{}",
+        alone.stderr()
+    );
+    assert_eq!(alone.stdout(), at_claim);
+    c.expect_exit(0, Duration::from_secs(30));
+    d.expect_exit(0, Duration::from_secs(30));
 }
 
 /// An `fsx` pair that ran to its end: the replicas and their exit codes.
@@ -857,6 +954,42 @@ fn status_tells_a_running_replica_from_its_last_word() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn a_backup_that_went_live_keeps_its_status_current() {
+    // 6 s of guest: it runs on for seconds after the failover.
+    let pair = Pair::new(60, 100);
+    let log = free_port();
+    let file = pair.dir.path().join("b.json");
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start(
+        "b",
+        "backup",
+        log,
+        &["--status-file", file.to_str().unwrap()],
+    );
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
+    primary.signal(libc::SIGKILL);
+    primary.wait(Duration::from_secs(5));
+    let status = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .unwrap_or_default()
+    };
+    wait_until(Duration::from_secs(10), || {
+        status()["role"] == "primary (alone, went live)"
+    });
+    let first = status()["updated_ms"].as_u64().unwrap();
+    // Rewritten while it runs (it was written once, at the go-live, before).
+    wait_until(Duration::from_secs(5), || {
+        status()["updated_ms"].as_u64().unwrap_or(0) > first
+    });
+    assert_eq!(status()["epoch"], 2);
+    backup.expect_exit(0, Duration::from_secs(30));
 }
 
 /// The nice value of a replica's VM thread (its main thread), from /proc.

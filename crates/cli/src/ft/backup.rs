@@ -107,6 +107,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         live: live.clone(),
         clean_end: clean_end.clone(),
         status_file: node.status_file.clone(),
+        epoch_check_ms: node.epoch_check_ms,
     };
     let source: Box<dyn ftvm_vm::LogSource> = Box::new(ChannelSource::new(replay_rx, replayed));
     let source = if node.slow_replay_us > 0 {
@@ -467,6 +468,7 @@ struct Takeover {
     live: Arc<AtomicBool>,
     clean_end: Arc<AtomicBool>,
     status_file: Option<std::path::PathBuf>,
+    epoch_check_ms: u64,
 }
 
 impl ReplayEnd for Takeover {
@@ -477,6 +479,7 @@ impl ReplayEnd for Takeover {
         }
         let next = self.epoch + 1;
         eprintln!("ftvm: replayed the whole log (entry {last_seq}); claiming epoch {next}");
+        let claim_started = now_ms();
         match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
             Ok(true) => {}
             Ok(false) => {
@@ -512,37 +515,50 @@ impl ReplayEnd for Takeover {
             let _ = super::install_power_off_signal(tx);
         }
         eprintln!("ftvm: LIVE: won epoch {next}; this replica is now the primary (alone)");
-        if let Err(f) = super::spawn_epoch_watch(
+        let tenure = super::Tenure::new(
             self.tiebreak.clone(),
             self.vm_id.clone(),
             self.owner.clone(),
-            move || next,
-        ) {
+            next,
+            claim_started,
+        );
+        if let Err(f) = super::spawn_epoch_watch(tenure.clone(), self.epoch_check_ms) {
             return Err(VmError::Internal(f.message));
         }
-        // Record the new role for `ftvm status` once the driver (which is stopping) is gone;
-        // off this thread, so going live is not delayed.
+        // Keep the status file current for `ftvm status` from when the driver (which is
+        // stopping) is gone; off this thread, so going live is not delayed.
         let (status_file, vm_id) = (self.status_file.clone(), self.vm_id.clone());
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(2 * super::status::STATUS_INTERVAL_MS));
-            StatusWriter::new(status_file).maybe_write(now_ms(), || Status {
-                role: "primary (alone, went live)".into(),
-                vm: vm_id,
-                epoch: next,
-                peer: None,
-                last_seq,
-                acked_seq: last_seq,
-                lag_entries: 0,
-                lag_ms: 0,
-                log_bytes_sent: 0,
-                outputs_held: 0,
-                outputs_held_bytes: 0,
-                slowdown_permille: 0,
-                log_frames: 0,
-                log_writes: 0,
-                ack_rtt_us: 0,
+        let spawned = std::thread::Builder::new()
+            .name("ftvm-status".into())
+            .spawn(move || {
+                let mut status = StatusWriter::new(status_file);
+                std::thread::sleep(Duration::from_millis(2 * super::status::STATUS_INTERVAL_MS));
+                loop {
+                    status.maybe_write(now_ms(), || Status {
+                        role: "primary (alone, went live)".into(),
+                        vm: vm_id.clone(),
+                        epoch: next,
+                        peer: None,
+                        last_seq,
+                        acked_seq: last_seq,
+                        lag_entries: 0,
+                        lag_ms: 0,
+                        log_bytes_sent: 0,
+                        outputs_held: 0,
+                        outputs_held_bytes: 0,
+                        slowdown_permille: 0,
+                        log_frames: 0,
+                        log_writes: 0,
+                        ack_rtt_us: 0,
+                    });
+                    std::thread::sleep(Duration::from_millis(super::status::STATUS_INTERVAL_MS));
+                }
             });
-        });
+        if let Err(e) = spawned {
+            return Err(VmError::Internal(format!(
+                "cannot start the status thread: {e}"
+            )));
+        }
         let frames_out: Option<Box<dyn FnMut(Vec<u8>) + Send>> = transmit.map(|t| {
             let f: Box<dyn FnMut(Vec<u8>) + Send> = Box::new(move |frame| t.send(frame));
             f
@@ -550,8 +566,25 @@ impl ReplayEnd for Takeover {
         Ok(Some(GoLive {
             sink: Box::new(NullSink),
             world: World::new(frames, self.control_rx.take()),
-            port: Box::new(ConsolePort { frames: frames_out }),
+            port: Box::new(TenuredPort {
+                tenure,
+                port: ConsolePort { frames: frames_out },
+            }),
         }))
+    }
+}
+
+/// The outputs of a backup that went live: emitted at once (there is no backup to wait for),
+/// within the replica's [`super::Tenure`].
+struct TenuredPort {
+    tenure: Arc<super::Tenure>,
+    port: ConsolePort,
+}
+
+impl ftvm_vm::OutputPort for TenuredPort {
+    fn emit(&mut self, output: ftvm_vm::gate::Output, seq: u64) -> Result<(), VmError> {
+        self.tenure.before_output();
+        self.port.emit(output, seq)
     }
 }
 

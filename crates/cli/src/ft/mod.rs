@@ -66,6 +66,9 @@ pub struct Node {
     pub wait_ms: u64,
     /// Test hook (backup): sleep this long per replayed entry, to make the backup lag.
     pub slow_replay_us: u64,
+    /// The epoch watch's period: [`EPOCH_CHECK_MS`], or longer as a test hook, so a test can
+    /// see what a replica does before its watch acts.
+    pub epoch_check_ms: u64,
     /// Primary: also write the log to this file, for a debugging replay with `ftvm replay`.
     pub record: Option<PathBuf>,
     /// Test hook: corrupt the Nth frame this primary sends on the log channel.
@@ -96,6 +99,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
             "fail-at-record",
             "record",
             "slow-replay-us",
+            "epoch-check-ms",
         ],
         &[],
         false,
@@ -159,6 +163,10 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         fail_at_record: p.number::<u64>("fail-at-record")?,
         record: p.one("record").map(PathBuf::from),
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
+        epoch_check_ms: p
+            .number::<u64>("epoch-check-ms")?
+            .unwrap_or(EPOCH_CHECK_MS)
+            .max(EPOCH_CHECK_MS),
     };
     if !(0..=19).contains(&node.ft.replay_nice) {
         return Err(Failure::usage(format!(
@@ -238,19 +246,23 @@ pub const LIVENESS_WAIT_MS: u64 = 2 * EPOCH_CHECK_MS + EPOCH_CHECK_MS / 2;
 
 /// Refuses to start a pair of a VM whose primary runs: its liveness record changes within
 /// [`LIVENESS_WAIT_MS`]. A record that says the primary stopped, or none at all, lets the start
-/// go on at once; one that stands still that long is a primary that died without a word.
+/// go on at once; one that stands still that long is a primary that died without a word, or one
+/// that is paused or cut off from the tiebreaker: then this returns true, and the new primary must
+/// let that one's [`Tenure`] run out after its claim.
 pub fn refuse_if_running(
     tiebreak: &dyn ftvm_tiebreak::TestAndSet,
     vm_id: &str,
-) -> Result<(), crate::opts::Failure> {
+) -> Result<bool, crate::opts::Failure> {
     let read = || {
         tiebreak
             .last_beat(vm_id)
             .map_err(|e| crate::opts::Failure::usage(format!("tiebreaker: {e}")))
     };
-    let Some(first) = read()? else { return Ok(()) };
+    let Some(first) = read()? else {
+        return Ok(false);
+    };
     if first.count == ftvm_tiebreak::BEAT_STOPPED {
-        return Ok(());
+        return Ok(false);
     }
     eprintln!(
         "ftvm: {vm_id} had a primary ({}, epoch {}); watching for its beats for {LIVENESS_WAIT_MS} ms",
@@ -271,7 +283,7 @@ pub fn refuse_if_running(
         }
         _ => {
             eprintln!("ftvm: no beat from {}: taken as stopped", first.owner);
-            Ok(())
+            Ok(true)
         }
     }
 }
@@ -298,46 +310,156 @@ pub fn beat_stopped(
     }
 }
 
-/// Starts the thread that writes this replica's beats and does that check every
-/// [`EPOCH_CHECK_MS`], for a replica that runs as a primary in epoch `epoch()`. A thread of its
-/// own: a slow tiebreaker must not hold up heartbeats or acks. Only a newer epoch held by another
-/// owner halts (our own newer claim, made while going on alone, does not); an unreachable store is
-/// no evidence and only warns. The thread ends with the process.
+/// Starts the thread that writes this replica's beats and checks its [`Tenure`] with the
+/// tiebreaker every `period_ms` ([`EPOCH_CHECK_MS`] but in tests), for a replica that runs as a
+/// primary. A thread of its own: a slow tiebreaker must not hold up heartbeats or acks. Only a
+/// newer epoch held by another owner halts (our own newer claim, made while going on alone, does
+/// not); an unreachable store is no evidence and only warns here (a replica without a backup then
+/// holds its outputs: [`Tenure::before_output`]). The thread ends with the process.
 pub fn spawn_epoch_watch(
-    tiebreak: std::sync::Arc<dyn ftvm_tiebreak::TestAndSet>,
-    vm_id: String,
-    owner: String,
-    epoch: impl Fn() -> u64 + Send + 'static,
+    tenure: std::sync::Arc<Tenure>,
+    period_ms: u64,
 ) -> Result<(), crate::opts::Failure> {
     std::thread::Builder::new()
         .name("ftvm-epoch-watch".into())
         .spawn(move || {
             for count in 0.. {
                 let beat = ftvm_tiebreak::Beat {
-                    epoch: epoch(),
+                    epoch: tenure.epoch(),
                     count,
-                    owner: owner.clone(),
+                    owner: tenure.owner.clone(),
                 };
-                if let Err(e) = tiebreak.beat(&vm_id, &beat) {
+                if let Err(e) = tenure.tiebreak.beat(&tenure.vm_id, &beat) {
                     eprintln!("ftvm: cannot write this primary's beat to the tiebreaker: {e}");
                 }
-                std::thread::sleep(Duration::from_millis(EPOCH_CHECK_MS));
-                epoch_check(&*tiebreak, &vm_id, &owner, epoch());
+                std::thread::sleep(Duration::from_millis(period_ms));
+                if let Err(e) = tenure.check() {
+                    eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}");
+                }
             }
         })
         .map(|_| ())
         .map_err(|e| crate::opts::Failure::usage(format!("cannot start the epoch watch: {e}")))
 }
 
-/// Halts this replica if another owner holds a newer epoch of the VM than `ours`.
-fn epoch_check(tiebreak: &dyn ftvm_tiebreak::TestAndSet, vm_id: &str, owner: &str, ours: u64) {
-    match tiebreak.current(vm_id) {
-        Ok(Some((e, holder))) if e > ours && holder != owner => primary::halt(format!(
-            "epoch {e} of {vm_id} was claimed by {holder} while this replica ran as its primary \
-             in epoch {ours} (another pair of this VM was started): it halts"
-        )),
-        Ok(_) => {}
-        Err(e) => eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}"),
+/// How long a confirmation of a replica's epoch lets it emit without a backup: its epoch watch
+/// confirms every [`EPOCH_CHECK_MS`], so this runs out only when the watch could not (a pause,
+/// a tiebreaker out of reach). A new pair started after [`refuse_if_running`] found a record
+/// that stood still waits this long after its claim before it runs.
+pub const TENURE_MS: u64 = EPOCH_CHECK_MS + EPOCH_CHECK_MS / 2;
+
+/// How long a replica without a backup holds its outputs while it cannot confirm its epoch with
+/// the tiebreaker, before it halts.
+pub const TENURE_WAIT_MS: u64 = 30_000;
+
+/// How often it asks the tiebreaker meanwhile.
+pub const TENURE_RETRY_MS: u64 = 100;
+
+/// A replica's hold on its VM's epoch, for the outputs it emits without a backup's ack: a primary
+/// that went on alone, or a backup that went live. A newer pair of the same VM (an operator's
+/// second start) may claim the next epoch once that replica's beats stood still, when it is
+/// paused or cut off from the tiebreaker; the Output Rule cannot stop a replica that has no
+/// backup from emitting beside it. So it emits only within [`TENURE_MS`] of the start of a check
+/// that found its epoch the newest, and the new pair waits as long after its claim. A check
+/// that began before a claim cannot have seen it, so every output of the old replica leaves
+/// before the new pair runs. (An output already in a write system call when the replica is
+/// paused is beyond any check.)
+pub struct Tenure {
+    tiebreak: std::sync::Arc<dyn TestAndSet>,
+    vm_id: String,
+    owner: String,
+    epoch: std::sync::atomic::AtomicU64,
+    /// [`now_ms`] at the start of the newest confirmation (or winning claim).
+    confirmed_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Tenure {
+    /// A replica that won `epoch` with a claim it began at `claim_started_ms`.
+    pub fn new(
+        tiebreak: std::sync::Arc<dyn TestAndSet>,
+        vm_id: String,
+        owner: String,
+        epoch: u64,
+        claim_started_ms: u64,
+    ) -> std::sync::Arc<Tenure> {
+        std::sync::Arc::new(Tenure {
+            tiebreak,
+            vm_id,
+            owner,
+            epoch: epoch.into(),
+            confirmed_ms: claim_started_ms.into(),
+        })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// This replica won `epoch` with a claim it began at `claim_started_ms` (going on alone).
+    pub fn won(&self, epoch: u64, claim_started_ms: u64) {
+        self.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+        self.confirmed_ms
+            .fetch_max(claim_started_ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Asks the tiebreaker once. Halts if another owner holds a newer epoch; otherwise the
+    /// epoch is confirmed as of the moment the question was asked.
+    pub fn check(&self) -> Result<(), ftvm_tiebreak::TiebreakError> {
+        let asked = now_ms();
+        let ours = self.epoch();
+        match self.tiebreak.current(&self.vm_id)? {
+            Some((e, holder)) if e > ours && holder != self.owner => primary::halt(format!(
+                "epoch {e} of {} was claimed by {holder} while this replica ran as its primary \
+                 in epoch {ours} (another pair of this VM was started): it halts without \
+                 emitting",
+                self.vm_id
+            )),
+            _ => {
+                self.confirmed_ms
+                    .fetch_max(asked, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    }
+
+    /// Returns once this replica may emit an output without a backup: at once within its
+    /// tenure; otherwise after a check, retried while the tiebreaker cannot answer (the VM's
+    /// outputs, and with them the VM, wait), for at most [`TENURE_WAIT_MS`] before it halts.
+    pub fn before_output(&self) {
+        let confirmed = self.confirmed_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if now_ms().saturating_sub(confirmed) <= TENURE_MS {
+            return;
+        }
+        let since = now_ms();
+        let mut warned = false;
+        loop {
+            match self.check() {
+                Ok(()) => {
+                    if warned {
+                        eprintln!("ftvm: epoch confirmed with the tiebreaker; outputs go on");
+                    }
+                    return;
+                }
+                Err(e) if now_ms().saturating_sub(since) >= TENURE_WAIT_MS => {
+                    primary::halt(format!(
+                        "cannot confirm epoch {} with the tiebreaker for {TENURE_WAIT_MS} ms \
+                         ({e}); halting rather than risk two primaries",
+                        self.epoch()
+                    ))
+                }
+                Err(e) => {
+                    if !warned {
+                        eprintln!(
+                            "ftvm: holding outputs: cannot confirm epoch {} with the tiebreaker \
+                             ({e})",
+                            self.epoch()
+                        );
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(TENURE_RETRY_MS));
+                }
+            }
+        }
     }
 }
 

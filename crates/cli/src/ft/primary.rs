@@ -32,7 +32,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         ))
     })?;
     // Not beside a pair of this VM that runs: its primary's beats say so.
-    super::refuse_if_running(&*node.tiebreak, &node.vm_id)?;
+    let stood_still = super::refuse_if_running(&*node.tiebreak, &node.vm_id)?;
     // Claim the pair's epoch: a new pair starts one past whatever was claimed before.
     let epoch = node
         .tiebreak
@@ -41,6 +41,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         .map(|(e, _)| e)
         .unwrap_or(0)
         + 1;
+    let claim_started = now_ms();
     if !crate::tiebreak_spec::claim(&*node.tiebreak, &node.vm_id, epoch, &node.owner)
         .map_err(Failure::usage)?
     {
@@ -55,14 +56,23 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         node.vm_id, node.log_addr
     );
     // Beats from the claim on (a pair started meanwhile sees this one), and the epoch watch.
-    let epoch_cell = Arc::new(AtomicU64::new(epoch));
-    let cell = epoch_cell.clone();
-    super::spawn_epoch_watch(
+    let tenure = super::Tenure::new(
         node.tiebreak.clone(),
         node.vm_id.clone(),
         node.owner.clone(),
-        move || cell.load(Ordering::SeqCst),
-    )?;
+        epoch,
+        claim_started,
+    );
+    super::spawn_epoch_watch(tenure.clone(), node.epoch_check_ms)?;
+    if stood_still {
+        // The last primary may be alive without a backup, paused or cut off from the
+        // tiebreaker: it emits nothing past its tenure, and this pair nothing before.
+        eprintln!(
+            "ftvm: letting the last primary's tenure run out ({} ms)",
+            super::TENURE_MS
+        );
+        std::thread::sleep(Duration::from_millis(super::TENURE_MS));
+    }
 
     let (stream, hs, link) = match accept_backup(&listener, &node, &header, epoch) {
         Ok(accepted) => accepted,
@@ -88,7 +98,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
     let shared = Arc::new(Shared {
-        driver: Mutex::new(Driver::new(&node, epoch_cell, link, pacing.clone())),
+        driver: Mutex::new(Driver::new(&node, tenure.clone(), link, pacing.clone())),
+        tenure,
         wake: Condvar::new(),
         channel: Mutex::new(Some(stream)),
         emitter: Mutex::new(Emitter { transmit }),
@@ -313,8 +324,8 @@ struct Driver {
     vm_id: String,
     owner: String,
     epoch: u64,
-    /// `epoch`, for the epoch watch's thread.
-    epoch_cell: Arc<AtomicU64>,
+    /// `epoch` and its confirmations, shared with the epoch watch's thread.
+    tenure: Arc<super::Tenure>,
     failure_timeout_ms: u64,
     link: PrimaryLink,
     rule: OutputRule<Held>,
@@ -360,14 +371,14 @@ const RTT_SAMPLES_MAX: usize = 64;
 impl Driver {
     fn new(
         node: &Node,
-        epoch_cell: Arc<AtomicU64>,
+        tenure: Arc<super::Tenure>,
         link: PrimaryLink,
         pacing: Arc<Pacing>,
     ) -> Driver {
         let now = now_ms();
-        let epoch = epoch_cell.load(Ordering::SeqCst);
+        let epoch = tenure.epoch();
         Driver {
-            epoch_cell,
+            tenure,
             vm_id: node.vm_id.clone(),
             owner: node.owner.clone(),
             epoch,
@@ -591,11 +602,12 @@ impl Driver {
     fn backup_failed(&mut self) -> Result<(), Failure> {
         self.channel_closed = true;
         let next = self.epoch + 1;
+        let claim_started = now_ms();
         match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
             Ok(true) => {
                 eprintln!("ftvm: backup lost; won epoch {next}, going on alone");
                 self.epoch = next;
-                self.epoch_cell.store(next, Ordering::SeqCst);
+                self.tenure.won(next, claim_started);
                 self.alone = true;
                 self.pacing.slowdown_permille.store(0, Ordering::Relaxed);
                 for Held(output) in self.rule.go_alone() {
@@ -675,6 +687,8 @@ struct Shared {
     channel: Mutex<Option<TcpStream>>,
     /// The same for outputs.
     emitter: Mutex<Emitter>,
+    /// Checked before outputs that leave without a backup's ack.
+    tenure: Arc<super::Tenure>,
 }
 
 struct Emitter {
@@ -711,6 +725,7 @@ impl Shared {
     fn end_turn(&self, mut d: MutexGuard<'_, Driver>) {
         let bytes = d.take_outbox_bytes();
         let outputs = std::mem::take(&mut d.to_emit);
+        let alone = d.alone;
         let close = d.channel_closed || d.finished;
         let mut channel =
             (bytes.is_some() || close).then(|| self.channel.lock().expect("channel lock"));
@@ -732,6 +747,11 @@ impl Shared {
         }
         drop(channel);
         if let Some(emitter) = emitter.as_mut() {
+            if alone {
+                // No backup's ack covers these: only the tenure keeps them from leaving beside
+                // a newer pair. (Outputs held under the Output Rule were acked: safe.)
+                self.tenure.before_output();
+            }
             for output in outputs {
                 emitter.emit(output);
             }
