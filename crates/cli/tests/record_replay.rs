@@ -366,6 +366,54 @@ fn a_full_guest_disk_is_enospc_for_the_guest_not_a_crash() {
 }
 
 #[test]
+fn a_host_symlink_in_a_guest_path_is_refused_through_the_gate() {
+    // The refusal reads the host's disk, so it is a disk failure of the gate's, in the log like
+    // any other: a replica whose disk had lost the link would refuse alike.
+    let dir = tempfile::tempdir().unwrap();
+    let disks = [dir.path().join("rec"), dir.path().join("rep")];
+    for d in &disks {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("target.txt"), "7\n").unwrap();
+        std::os::unix::fs::symlink("target.txt", d.join("counter.txt")).unwrap();
+    }
+    let log = dir.path().join("fsx.log");
+    let g = guest("fsx");
+    let rec = format!("{}::/data", disks[0].display());
+    let out = run(&[
+        "run",
+        "--record",
+        log.to_str().unwrap(),
+        "--dir",
+        &rec,
+        g.to_str().unwrap(),
+        "/data",
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("FAIL open counter.txt: EPERM"),
+        "{printed}"
+    );
+    let inspect = run(&["inspect", log.to_str().unwrap()]);
+    let listing = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains("host disk error call=") && l.contains("(EPERM)")),
+        "the refusal is not in the log: {listing}"
+    );
+    let rep = format!("{}::/data", disks[1].display());
+    let replay = run(&[
+        "replay",
+        log.to_str().unwrap(),
+        "--dir",
+        &rep,
+        g.to_str().unwrap(),
+    ]);
+    assert_eq!(code(&replay), code(&out), "{}", stderr(&replay));
+    assert_eq!(replay.stdout, out.stdout);
+}
+
+#[test]
 fn a_recorded_disk_failure_replays_on_any_disk() {
     // What the recording's disk did not do (refused or short writes of a full disk) is in the
     // log; a replay does the same, so it reproduces the run, and leaves the same disk behind,

@@ -30,7 +30,9 @@ pub use spec::{Limits, NicSpec, VmSpec};
 pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 /// 2: `HostError` and `HostShort` entries (what the host's disk did not do is a gate input),
 /// which a version-1 log lacks even where its guest met a disk error.
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: a path's check for host symlinks is a disk operation of its own, so the operation numbers
+/// of a version-2 log's `HostError` and `HostShort` entries do not line up.
+pub const FORMAT_VERSION: u32 = 3;
 /// Largest JSON header we accept.
 pub const HEADER_BYTES_MAX: usize = 1 << 20;
 

@@ -68,7 +68,8 @@ impl VDisk {
         self.roots.len()
     }
 
-    /// Resolves `path` relative to directory `base` of preopen `root` into a path inside the disk.
+    /// Resolves `path` relative to directory `base` of preopen `root` into a path inside the disk,
+    /// by the names alone: the host's disk is not asked (see [`VDisk::refuse_symlinks`]).
     pub fn resolve(&self, root: u32, base: &str, path: &str) -> Result<String, Errno> {
         if path.len() > PATH_BYTES_MAX {
             return Err(errno::NAMETOOLONG);
@@ -99,18 +100,29 @@ impl VDisk {
                 return Err(errno::NAMETOOLONG);
             }
         }
-        let rel = parts.join("/");
-        // Refuse host symlinks on the way (not the final component if it does not exist yet).
-        let mut host = self.root_path(root)?.to_path_buf();
-        for part in &parts {
+        self.root_path(root)?;
+        Ok(parts.join("/"))
+    }
+
+    /// Fails with `EPERM` if a host symlink lies on the way to `rel` inside preopen `root` (the
+    /// components that exist; the last may not yet). This reads the host's file metadata, a
+    /// gate input: call it through `Gate::disk_op`, as every other disk operation.
+    pub fn refuse_symlinks(&self, root: u32, rel: &str) -> std::io::Result<()> {
+        let Ok(base) = self.root_path(root) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        };
+        let mut host = base.to_path_buf();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
             host.push(part);
             match std::fs::symlink_metadata(&host) {
-                Ok(m) if m.file_type().is_symlink() => return Err(errno::PERM),
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(std::io::Error::from_raw_os_error(libc::EPERM))
+                }
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
-        Ok(rel)
+        Ok(())
     }
 
     pub fn root_path(&self, root: u32) -> Result<&Path, Errno> {
@@ -267,7 +279,10 @@ mod tests {
         assert_eq!(disk.resolve(0, "a", "../../x"), Err(errno::NOTCAPABLE));
         assert_eq!(disk.resolve(0, "", "/etc/passwd"), Err(errno::NOTCAPABLE));
         std::os::unix::fs::symlink("/etc", dir.path().join("a/out")).unwrap();
-        assert_eq!(disk.resolve(0, "", "a/out/passwd"), Err(errno::PERM));
+        let rel = disk.resolve(0, "", "a/out/passwd").unwrap();
+        let refused = disk.refuse_symlinks(0, &rel).unwrap_err();
+        assert_eq!(errno::from_io(&refused), errno::PERM);
+        disk.refuse_symlinks(0, "a/new").unwrap();
     }
 
     #[test]

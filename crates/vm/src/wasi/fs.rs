@@ -603,19 +603,24 @@ fn set_times(
     Ok(())
 }
 
-/// Resolves a guest path against a directory descriptor.
+/// Resolves a guest path against a directory descriptor. The check for host symlinks on the
+/// way reads the host's disk, so it is a disk operation of the gate's.
 fn resolve(
     mem: &GuestMem<'_>,
-    host: &Host,
+    host: &mut Host,
     dirfd: u32,
     path: u32,
     len: u32,
-) -> Result<(u32, String), Errno> {
+) -> HostResult<(u32, String)> {
     let path = mem.string(path, len)?;
     let FdKind::Dir { root, rel, .. } = &host.fds.get(dirfd)?.kind else {
-        return Err(errno::NOTDIR);
+        return Err(errno::NOTDIR.into());
     };
-    Ok((*root, host.disk.resolve(*root, rel, &path)?))
+    let root = *root;
+    let rel = host.disk.resolve(root, rel, &path)?;
+    let vdisk = &host.disk;
+    disk(host.gate.disk_op(|| vdisk.refuse_symlinks(root, &rel)))?;
+    Ok((root, rel))
 }
 
 #[derive(Default)]
