@@ -323,7 +323,15 @@ pub fn spawn_epoch_watch(
     std::thread::Builder::new()
         .name("ftvm-epoch-watch".into())
         .spawn(move || {
+            // The checks start every `period_ms` however long the store takes to answer (as
+            // long as it answers within that), so a slow store does not eat the tenure's margin.
             for count in 0.. {
+                let started = now_ms();
+                if count > 0 {
+                    if let Err(e) = tenure.check() {
+                        eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}");
+                    }
+                }
                 let beat = ftvm_tiebreak::Beat {
                     epoch: tenure.epoch(),
                     count,
@@ -332,10 +340,8 @@ pub fn spawn_epoch_watch(
                 if let Err(e) = tenure.tiebreak.beat(&tenure.vm_id, &beat) {
                     eprintln!("ftvm: cannot write this primary's beat to the tiebreaker: {e}");
                 }
-                std::thread::sleep(Duration::from_millis(period_ms));
-                if let Err(e) = tenure.check() {
-                    eprintln!("ftvm: cannot check the epoch with the tiebreaker: {e}");
-                }
+                let spent = now_ms().saturating_sub(started);
+                std::thread::sleep(Duration::from_millis(period_ms.saturating_sub(spent)));
             }
         })
         .map(|_| ())
