@@ -34,8 +34,8 @@ use ftvm_vm::VmImage;
 use crate::opts::{parse, Failure};
 use crate::vmdef::{FtDef, VmDef};
 
-/// How long a primary waits for its backup to connect before it gives up (or, with
-/// `--alone-after-ms`, goes on alone after winning the tiebreaker).
+/// How long a primary waits for its backup to connect before it gives up (`--wait-ms`); it
+/// never starts a VM without one.
 pub const BACKUP_WAIT_MS_DEFAULT: u64 = 30_000;
 /// How long a backup keeps trying to reach its primary at start-up.
 pub const CONNECT_WAIT_MS_DEFAULT: u64 = 30_000;
