@@ -11,6 +11,7 @@
 #   CAP_CPU=0.5               the server/primary process's CPU budget (scripts/cpu-cap.sh); 0: none
 #   CONC=50 N=100000 TESTS=set,get   redis-benchmark's -c, -n and -t
 #   PIN=P:B:C                 pin the server/primary to CPU P, the backup to B, the client to C
+#   HALT_POLL_NS=N            idle vCPUs poll N ns before they halt, for this run (scripts/halt-poll.sh)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 G="$REPO/guests/build"
@@ -34,11 +35,13 @@ TMP="$(mktemp -d)"
 PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
 source "$REPO/scripts/kv-lab.sh"
+source "$REPO/scripts/halt-poll.sh"
 trap kv_lab_cleanup EXIT
 for b in "${BINS[@]}"; do
     [[ -x "${b#*=}" ]] || { echo "not an executable: ${b#*=}" >&2; exit 2; }
 done
 cpu_cap_setup "ab-$LAB" "$CAP_CPU"
+halt_poll_setup
 kv_lab_up ab-ft
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -92,7 +95,7 @@ for ((r = 0; r < ROUNDS; r++)); do
         stop $pa; stop $pb
     done
 done
-echo "medians over $ROUNDS rounds; redis-benchmark -t $TESTS -n $N -c $CONC, CAP_CPU=$CAP_CPU, PIN=${PIN:-none}"
+echo "medians over $ROUNDS rounds; redis-benchmark -t $TESTS -n $N -c $CONC, CAP_CPU=$CAP_CPU, PIN=${PIN:-none}, HALT_POLL_NS=${HALT_POLL_NS:-unchanged}"
 python3 - "$TMP/rps" "$TMP/cpu" "$TMP/writes" <<'PY'
 import sys, statistics as st, collections as co
 rps, cpu, writes = co.defaultdict(list), co.defaultdict(list), co.defaultdict(list)

@@ -17,6 +17,8 @@
 #        PIPELINE=16 scripts/bench-kv.sh ...            (redis-benchmark -P 16)
 #        CONC=200 scripts/bench-kv.sh ...               (200 clients instead of 50)
 #        CAP_CPU=0 scripts/bench-kv.sh ...              (no capped or pinned configurations)
+#        HALT_POLL_NS=200000 scripts/bench-kv.sh ...    (idle vCPUs poll before they halt, for
+#                                                        this run: scripts/halt-poll.sh)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
@@ -33,14 +35,17 @@ TMP="$(mktemp -d)"
 PIDS=()
 # The capped primary's "host": a cgroup CPU quota (scripts/cpu-cap.sh).
 source "$REPO/scripts/cpu-cap.sh"
+source "$REPO/scripts/halt-poll.sh"
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     cpu_cap_cleanup
+    halt_poll_cleanup
     "$F" lab down --name $LAB || true
     rm -rf "$TMP"
 }
 trap cleanup EXIT
 cpu_cap_setup "bench-$LAB" "$CAP_CPU"
+halt_poll_setup
 "$F" lab up --name $LAB --subnet $S >/dev/null
 for h in host-a host-b; do
     ip -n $LAB-$h tuntap add dev tap0 mode tap
@@ -116,7 +121,7 @@ for ((r = 0; r < ROUNDS; r++)); do
     fi
 done
 
-echo "redis-benchmark -t ping,set,get,incr -n $N -c $CONC ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds (requests/s, p50/p99 ms):"
+echo "redis-benchmark -t ping,set,get,incr -n $N -c $CONC ${PIPELINE:+-P $PIPELINE}, median over $ROUNDS interleaved rounds${HALT_POLL_NS:+, guest_halt_poll_ns=$HALT_POLL_NS} (requests/s, p50/p99 ms):"
 python3 - "$TMP/results" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
