@@ -37,7 +37,8 @@ usage:
       Build (or remove) the lab: network namespaces NAME-client, NAME-host-a/b/c on one switch,
       198.18.I.0/24.
   ftvm status STATUS_FILE
-      Show a replica's role, whether it still runs, epoch, lag, log bandwidth and held outputs.
+      Show a replica's role, whether it still runs, epoch, lag, log bandwidth and held outputs,
+      and, for a primary, when the tiebreaker last confirmed its epoch.
 
 VM options:
   --nic tap=NAME,mac=MAC,ip=ADDR/PREFIX[,gw=ADDR][,seed=N][,fault=drop=P;dup=P;reorder=P;delay=MS;seed=N]

@@ -668,10 +668,20 @@ fn alone_and_cut_off_from_the_tiebreaker(survivor: Survivor) {
     let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
     let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
     let log = free_port();
-    let (primary, backup) = first.running(log, 3);
-    let (mut dead, mut alone, alone_msg) = match survivor {
-        Survivor::Backup => (primary, backup, "LIVE"),
-        Survivor::Primary => (backup, primary, "going on alone"),
+    let files = ["a", "b"].map(|n| store.path().join(format!("{n}.json")));
+    let with_status = |i: usize| ["--status-file", files[i].to_str().unwrap()];
+    let primary = first.start("a", "primary", log, &with_status(0));
+    let backup = first.start("b", "backup", log, &with_status(1));
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 3
+    });
+    let (mut dead, mut alone, alone_msg, status_file) = match survivor {
+        Survivor::Backup => (primary, backup, "LIVE", &files[1]),
+        Survivor::Primary => (backup, primary, "going on alone", &files[0]),
+    };
+    let status = || {
+        String::from_utf8_lossy(&run(&["status", status_file.to_str().unwrap()]).stdout)
+            .into_owned()
     };
     dead.signal(libc::SIGKILL);
     dead.wait(Duration::from_secs(5));
@@ -698,6 +708,10 @@ fn alone_and_cut_off_from_the_tiebreaker(survivor: Survivor) {
         "{}",
         alone.stderr()
     );
+    // Its status says why it is quiet.
+    wait_until(Duration::from_secs(5), || {
+        status().contains("outputs held until the tiebreaker answers")
+    });
     wait_until(Duration::from_secs(15), || {
         iterations(&c.stdout()).len() >= 100
     });
@@ -944,6 +958,8 @@ fn status_tells_a_running_replica_from_its_last_word() {
     wait_until(Duration::from_secs(20), || show().contains(&running));
     let text = show();
     assert!(text.contains("role          primary"), "{text}");
+    assert!(text.contains("tiebreaker    epoch confirmed"), "{text}");
+    assert!(!text.contains("outputs held until"), "{text}");
     primary.expect_exit(0, Duration::from_secs(30));
     backup.expect_exit(0, Duration::from_secs(30));
     let text = show();

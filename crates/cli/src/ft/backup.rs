@@ -452,6 +452,8 @@ impl Driver {
             log_frames: self.frames_received,
             log_writes: self.writes,
             ack_rtt_us: 0,
+            epoch_confirmed_ms_ago: None,
+            holding_for_tiebreaker: false,
         });
     }
 }
@@ -528,6 +530,7 @@ impl ReplayEnd for Takeover {
         // Keep the status file current for `ftvm status` from when the driver (which is
         // stopping) is gone; off this thread, so going live is not delayed.
         let (status_file, vm_id) = (self.status_file.clone(), self.vm_id.clone());
+        let held = tenure.clone();
         let spawned = std::thread::Builder::new()
             .name("ftvm-status".into())
             .spawn(move || {
@@ -550,6 +553,8 @@ impl ReplayEnd for Takeover {
                         log_frames: 0,
                         log_writes: 0,
                         ack_rtt_us: 0,
+                        epoch_confirmed_ms_ago: Some(held.confirmed_age_ms()),
+                        holding_for_tiebreaker: held.is_holding(),
                     });
                     std::thread::sleep(Duration::from_millis(super::status::STATUS_INTERVAL_MS));
                 }

@@ -377,6 +377,8 @@ pub struct Tenure {
     epoch: std::sync::atomic::AtomicU64,
     /// [`now_ms`] at the start of the newest confirmation (or winning claim).
     confirmed_ms: std::sync::atomic::AtomicU64,
+    /// An output waits in [`Tenure::before_output`] for the tiebreaker to answer.
+    holding: std::sync::atomic::AtomicBool,
 }
 
 impl Tenure {
@@ -394,7 +396,18 @@ impl Tenure {
             owner,
             epoch: epoch.into(),
             confirmed_ms: claim_started_ms.into(),
+            holding: false.into(),
         })
+    }
+
+    /// How long ago the epoch was last confirmed (for status).
+    pub fn confirmed_age_ms(&self) -> u64 {
+        now_ms().saturating_sub(self.confirmed_ms.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Whether an output waits for the tiebreaker (for status).
+    pub fn is_holding(&self) -> bool {
+        self.holding.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -442,6 +455,8 @@ impl Tenure {
             match self.check() {
                 Ok(()) => {
                     if warned {
+                        self.holding
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
                         eprintln!("ftvm: epoch confirmed with the tiebreaker; outputs go on");
                     }
                     return;
@@ -461,6 +476,8 @@ impl Tenure {
                             self.epoch()
                         );
                         warned = true;
+                        self.holding
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                     }
                     std::thread::sleep(Duration::from_millis(TENURE_RETRY_MS));
                 }

@@ -672,6 +672,8 @@ impl Driver {
             log_frames: self.frames_sent,
             log_writes: self.writes,
             ack_rtt_us: self.ack_rtt_us,
+            epoch_confirmed_ms_ago: Some(self.tenure.confirmed_age_ms()),
+            holding_for_tiebreaker: self.tenure.is_holding(),
         });
     }
 }

@@ -34,6 +34,12 @@ pub struct Status {
     /// Output Rule adds to an output.
     #[serde(default)]
     pub ack_rtt_us: u64,
+    /// A replica running as a primary: how long ago its epoch was last confirmed with the
+    /// tiebreaker, and whether it holds its outputs because it cannot be (see `Tenure`).
+    #[serde(default)]
+    pub epoch_confirmed_ms_ago: Option<u64>,
+    #[serde(default)]
+    pub holding_for_tiebreaker: bool,
 }
 
 pub struct StatusWriter {
@@ -136,6 +142,17 @@ pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
     );
     if let Some(us) = g("ack_rtt_us").as_u64().filter(|&us| us > 0) {
         println!("ack rtt       {us} us (records written to acked: the Output Rule's delay)");
+    }
+    if let Some(ms) = g("epoch_confirmed_ms_ago").as_u64() {
+        let holding = if g("holding_for_tiebreaker").as_bool() == Some(true) {
+            "; outputs held until the tiebreaker answers"
+        } else {
+            ""
+        };
+        println!(
+            "tiebreaker    epoch confirmed {:.1} s ago{holding}",
+            ms as f64 / 1000.0
+        );
     }
     Ok(0)
 }
