@@ -6,12 +6,16 @@
 # Usage: scripts/profile-ft.sh [SECONDS]     (root; run scripts/setup.sh first; installs linux-perf)
 #        CAP_CPU=0.5 scripts/profile-ft.sh ...  (the server process, in both, capped to 0.5 CPU by a
 #                                                cgroup CFS quota, as in bench-kv.sh's capped runs)
+#        PIN=1 scripts/profile-ft.sh ...        (the server, or both replicas, on CPU 0, the client
+#                                                on CPU 1: bench-kv.sh's one-CPU placement)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
 G="$REPO/guests/build"
 SECS="${1:-5}"
 CAP_CPU="${CAP_CPU:-0}"
+PIN_R=() PIN_C=()
+if [[ "${PIN:-0}" == 1 ]]; then PIN_R=(taskset -c 0) PIN_C=(taskset -c 1); fi
 LAB=pft
 S=64
 MAC=02:f7:00:00:40:50
@@ -27,7 +31,7 @@ if ! command -v perf >/dev/null; then
 fi
 kv_lab_up profile-ft
 profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s, report
-    ip netns exec $LAB-client timeout $((SECS + 30)) redis-benchmark -h $VM -p 6379 -t set \
+    ip netns exec $LAB-client "${PIN_C[@]}" timeout $((SECS + 30)) redis-benchmark -h $VM -p 6379 -t set \
         -n 100000000 -c 50 -q >"$TMP/$1.bench" 2>&1 &
     local b=$!
     PIDS+=($b)
@@ -56,8 +60,12 @@ profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s
         awk -v per="$per" '$1 ~ /%$/ && $NF ~ /^(finish_task_switch.isra.0|_raw_spin_unlock_irqrestore)$/ {
             sub(/%/, "", $1); s += $1
         } END { printf "    %-28s %5.2f µs (%.2f%%)\n", "switches+wake-ups, self", s * per / 100, s }'
+    # Self time in user space (ftvm, the guest's code, libc): what the process computes itself.
+    perf report -i "$TMP/$1.data" --stdio --no-children -g none --sort sym 2>/dev/null |
+        awk -v per="$per" '$1 ~ /%$/ && $2 == "[.]" { sub(/%/, "", $1); s += $1 }
+            END { printf "    %-28s %5.2f µs (%.2f%%)\n", "user space, self", s * per / 100, s }'
 }
-ip netns exec $LAB-host-a "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
+ip netns exec $LAB-host-a "${PIN_R[@]}" "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
     >/dev/null 2>&1 &
 p=$!
 PIDS+=($p)
@@ -66,12 +74,12 @@ wait_port
 profile run $p
 kill $p
 wait $p 2>/dev/null || true
-ip netns exec $LAB-host-a "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 \
+ip netns exec $LAB-host-a "${PIN_R[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 pa=$!
 PIDS+=($pa)
 cpu_cap $pa
-ip netns exec $LAB-host-b "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
+ip netns exec $LAB-host-b "${PIN_R[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port
