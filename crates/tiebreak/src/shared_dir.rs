@@ -21,6 +21,12 @@
 //! reported as unreachable storage instead.
 //!
 //! Exclusive create is atomic on local file systems and on NFSv3 and later; it is not on NFSv2.
+//!
+//! Reads ([`TestAndSet::current`], the beat) see what the directory holds only if the file system
+//! shows other hosts' new files at once. A replica's checks of its epoch (the epoch watch, the
+//! tenure of one that runs without a backup) rely on that; claims do not (a claim made from a
+//! stale listing fails its exclusive create). So an NFS mount must not cache directory contents
+//! (`noac`, or `actimeo=0` with `lookupcache=none`); where that is too slow, use etcd.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
