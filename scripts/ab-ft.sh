@@ -21,11 +21,6 @@ CAP_CPU="${CAP_CPU:-0.5}"
 CONC="${CONC:-50}"
 N="${N:-100000}"
 TESTS="${TESTS:-set,get}"
-PIN_A=() PIN_B=() PIN_C=()
-if [[ -n "${PIN:-}" ]]; then
-    IFS=: read -r pa pb pc <<<"$PIN"
-    PIN_A=(taskset -c "$pa") PIN_B=(taskset -c "$pb") PIN_C=(taskset -c "$pc")
-fi
 read -r -a BINS <<<"$FT_BINS"
 F="${BINS[0]#*=}"
 LAB=bab
@@ -35,8 +30,8 @@ TMP="$(mktemp -d)"
 PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
 source "$REPO/scripts/kv-lab.sh"
-source "$REPO/scripts/halt-poll.sh"
 trap kv_lab_cleanup EXIT
+cpu_pin "${PIN:-}"
 for b in "${BINS[@]}"; do
     [[ -x "${b#*=}" ]] || { echo "not an executable: ${b#*=}" >&2; exit 2; }
 done

@@ -64,11 +64,11 @@ TOML
 wait_port() { for _ in $(seq 100); do inns client redis-cli -h "$1" -p "$2" PING >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no server at $1:$2" >&2; return 1; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; } # user+system, clock ticks
 HZ=$(getconf CLK_TCK)
-CLIENT_PIN=() # set by run_vm and ft_pair for the pinned configurations
+PIN_A=() PIN_B=() PIN_C=() # set by run_vm and ft_pair (cpu_pin) for the pinned configurations
 bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test rps p50 p99" lines
     local s0 b0
     s0=$(ticks "${4:-0}"); b0=$(ticks "${5:-0}")
-    inns client "${CLIENT_PIN[@]}" redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c "$CONC" ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
+    inns client "${PIN_C[@]}" redis-benchmark -h "$2" -p "$3" -t ping,set,get,incr -n "$N" -c "$CONC" ${PIPELINE:+-P "$PIPELINE"} --csv 2>/dev/null |
         awk -F',' -v name="$1" 'NR>1 { for (i = 1; i <= NF; i++) gsub(/"/, "", $i); print name, $1, $2, $5, $7 }' >>"$TMP/results"
     # CPU microseconds per request of the server (primary) and of the backup, over all 4 tests.
     awk -v n="$1" -v s="$(( $(ticks "${4:-0}") - s0 ))" -v b="$(( $(ticks "${5:-0}") - b0 ))" -v hz="$HZ" -v r="$((4 * N))" \
@@ -76,24 +76,23 @@ bench() { # bench NAME HOST PORT [SERVER_PID [BACKUP_PID]] -> appends "name test
 }
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-# placement MODE: the commands' prefix for the replicas (REPLICA_PIN) and the client (CLIENT_PIN);
-# MODE is "", cap (the CPU cap only) or pin (the cap, the replicas on CPU 0, the client on CPU 1).
+# placement MODE: "" or cap (the CPU cap only) leave every process unpinned; pin (the cap as
+# well) puts the replicas on CPU 0 and the client on CPU 1.
 placement() {
-    REPLICA_PIN=() CLIENT_PIN=()
-    if [[ "$1" == pin ]]; then REPLICA_PIN=(taskset -c 0) CLIENT_PIN=(taskset -c 1); fi
+    if [[ "$1" == pin ]]; then cpu_pin 0:0:1; else cpu_pin ""; fi
 }
 run_vm() { # run_vm NAME [cap|pin]
     placement "${2:-}"
-    ip netns exec $LAB-host-a "${REPLICA_PIN[@]}" "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
+    ip netns exec $LAB-host-a "${PIN_A[@]}" "$F" run --nic "$NIC" --listen 6379 "$G/kv.wasm" >/dev/null 2>&1 & p=$!; PIDS+=($p)
     [[ -n "${2:-}" ]] && cpu_cap $p
     wait_port $VM 6379; bench "$1" $VM 6379 $p; stop $p
 }
 ft_pair() { # ft_pair NAME [cap|pin]
     placement "${2:-}"
     rm -rf "$TMP/tb" "$TMP/a.json"
-    ip netns exec $LAB-host-a "${REPLICA_PIN[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+    ip netns exec $LAB-host-a "${PIN_A[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         --status-file "$TMP/a.json" >/dev/null 2>&1 & pa=$!; PIDS+=($pa)
-    ip netns exec $LAB-host-b "${REPLICA_PIN[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
+    ip netns exec $LAB-host-b "${PIN_B[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" --tap tap0 \
         >/dev/null 2>&1 & pb=$!; PIDS+=($pb)
     [[ -n "${2:-}" ]] && cpu_cap $pa
     wait_port $VM 6379

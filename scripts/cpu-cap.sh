@@ -4,6 +4,10 @@
 #   cpu_cap_setup NAME CPUS   create the cgroup (CPUS=0: no cap; every call below is then a no-op)
 #   cpu_cap PID               move PID (with its threads) into it
 #   cpu_cap_cleanup           move everything back out and remove it (call from the EXIT trap)
+# and a placement of the benchmark's processes on CPUs:
+#   cpu_pin P:B:C             set PIN_A, PIN_B, PIN_C to the command prefixes that pin the server
+#                             (or primary), the backup and the client to CPUs P, B and C; an empty
+#                             argument leaves all three empty (no pinning)
 CPU_CAP_CG=""
 cpu_cap_setup() {
     [[ "$2" == 0 ]] && return 0
@@ -12,6 +16,14 @@ cpu_cap_setup() {
     mkdir -p "$CPU_CAP_CG"
     echo 10000 >"$CPU_CAP_CG/cpu.cfs_period_us"
     echo "$(python3 -c "print(int($2 * 10000))")" >"$CPU_CAP_CG/cpu.cfs_quota_us"
+}
+cpu_pin() {
+    PIN_A=() PIN_B=() PIN_C=()
+    [[ -n "$1" ]] || return 0
+    local a b c
+    IFS=: read -r a b c <<<"$1"
+    [[ -n "$a" && -n "$b" && -n "$c" ]] || { echo "placement $1: expected P:B:C" >&2; exit 2; }
+    PIN_A=(taskset -c "$a") PIN_B=(taskset -c "$b") PIN_C=(taskset -c "$c")
 }
 cpu_cap() { [[ -z "$CPU_CAP_CG" ]] || echo "$1" >"$CPU_CAP_CG/cgroup.procs"; }
 cpu_cap_cleanup() {

@@ -1,10 +1,12 @@
 # Sourced by benchmark scripts that run the KV guest in a lab of their own, alone or as an FT
 # pair (primary on host-a, backup on host-b), after they set F (the ftvm binary), G (the built
-# guests), LAB, S (the lab's subnet), MAC, TMP and PIDS, and sourced scripts/cpu-cap.sh:
+# guests), LAB, S (the lab's subnet), MAC, TMP and PIDS, and sourced scripts/cpu-cap.sh. It sources
+# scripts/halt-poll.sh (halt_poll_setup applies HALT_POLL_NS, if set):
 #   kv_lab_up NAME    the lab, a TAP on host-a and host-b, and $TMP/kv.toml (VM name NAME)
-#   kv_lab_cleanup    kill PIDS, drop the CPU cap, restore halt polling (scripts/halt-poll.sh, if
-#                     sourced), remove the lab and TMP (call from the EXIT trap)
+#   kv_lab_cleanup    kill PIDS, drop the CPU cap, restore halt polling, remove the lab and TMP
+#                     (call from the EXIT trap)
 #   wait_port         wait until the KV guest answers at $VM:6379 (fails after 10 s)
+source "$(dirname "${BASH_SOURCE[0]}")/halt-poll.sh"
 VM=198.18.$S.50
 HA=198.18.$S.11
 kv_lab_up() {
@@ -25,7 +27,7 @@ TOML
 kv_lab_cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     cpu_cap_cleanup
-    if declare -F halt_poll_cleanup >/dev/null; then halt_poll_cleanup; fi
+    halt_poll_cleanup
     "$F" lab down --name "$LAB" >/dev/null 2>&1 || true
     rm -rf "$TMP"
 }

@@ -6,16 +6,16 @@
 # Usage: scripts/profile-ft.sh [SECONDS]     (root; run scripts/setup.sh first; installs linux-perf)
 #        CAP_CPU=0.5 scripts/profile-ft.sh ...  (the server process, in both, capped to 0.5 CPU by a
 #                                                cgroup CFS quota, as in bench-kv.sh's capped runs)
-#        PIN=1 scripts/profile-ft.sh ...        (the server, or both replicas, on CPU 0, the client
-#                                                on CPU 1: bench-kv.sh's one-CPU placement)
+#        PIN=0:0:1 scripts/profile-ft.sh ...    (pin the server or primary, the backup and the client
+#                                                to these CPUs; 0:0:1 is bench-kv.sh's one-CPU
+#                                                placement)
+#        HALT_POLL_NS=N scripts/profile-ft.sh ...  (idle vCPUs poll N ns before they halt: halt-poll.sh)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
 G="$REPO/guests/build"
 SECS="${1:-5}"
 CAP_CPU="${CAP_CPU:-0}"
-PIN_R=() PIN_C=()
-if [[ "${PIN:-0}" == 1 ]]; then PIN_R=(taskset -c 0) PIN_C=(taskset -c 1); fi
 LAB=pft
 S=64
 MAC=02:f7:00:00:40:50
@@ -24,7 +24,9 @@ PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
 source "$REPO/scripts/kv-lab.sh"
 trap kv_lab_cleanup EXIT
+cpu_pin "${PIN:-}"
 cpu_cap_setup "profile-$LAB" "$CAP_CPU"
+halt_poll_setup
 if ! command -v perf >/dev/null; then
     echo "[profile] installing Debian's linux-perf" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
@@ -65,7 +67,7 @@ profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s
         awk -v per="$per" '$1 ~ /%$/ && $2 == "[.]" { sub(/%/, "", $1); s += $1 }
             END { printf "    %-28s %5.2f µs (%.2f%%)\n", "user space, self", s * per / 100, s }'
 }
-ip netns exec $LAB-host-a "${PIN_R[@]}" "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
+ip netns exec $LAB-host-a "${PIN_A[@]}" "$F" run --nic "tap=tap0,mac=$MAC,ip=$VM/24" --listen 6379 "$G/kv.wasm" \
     >/dev/null 2>&1 &
 p=$!
 PIDS+=($p)
@@ -74,12 +76,12 @@ wait_port
 profile run $p
 kill $p
 wait $p 2>/dev/null || true
-ip netns exec $LAB-host-a "${PIN_R[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 \
+ip netns exec $LAB-host-a "${PIN_A[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 pa=$!
 PIDS+=($pa)
 cpu_cap $pa
-ip netns exec $LAB-host-b "${PIN_R[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
+ip netns exec $LAB-host-b "${PIN_B[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 \
     --tiebreak "dir:$TMP/tb" --tap tap0 >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port
