@@ -647,6 +647,43 @@ fn a_primary_gone_on_alone_cut_off_from_the_tiebreaker_goes_quiet_before_a_newer
     alone_and_cut_off_from_the_tiebreaker(Survivor::Primary);
 }
 
+#[test]
+fn a_pair_cut_off_from_the_tiebreaker_halts_when_it_finds_a_newer_pair() {
+    // The case the tenure leaves to the epoch watch: a running pair (its outputs acked, so not
+    // held) loses sight of the tiebreaker, and a second pair of its VM is started meanwhile.
+    // Once the first can ask again, its primary's watch finds the newer epoch and halts it;
+    // its backup, left alone, cannot win the next epoch and halts too.
+    let store = tempfile::tempdir().unwrap();
+    let tb = store.path().join("tb");
+    let view = store.path().join("view");
+    std::fs::create_dir(&tb).unwrap();
+    std::os::unix::fs::symlink(&tb, &view).unwrap();
+    // A line every 2 ms for 12 s.
+    let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
+    let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
+    let log = free_port();
+    let (mut primary, mut backup) = first.running(log, 3);
+    std::fs::remove_file(&view).unwrap();
+    let log2 = free_port();
+    let mut c = second.start("c", "primary", log2, &[]);
+    let mut d = second.start("d", "backup", log2, &[]);
+    wait_until(Duration::from_secs(15), || {
+        c.stderr().contains("at epoch 2")
+    });
+    std::os::unix::fs::symlink(&tb, &view).unwrap();
+    primary.expect_exit(127, Duration::from_secs(10));
+    assert!(
+        primary
+            .stderr()
+            .contains("epoch 2 of sleeper was claimed by c while this replica ran"),
+        "{}",
+        primary.stderr()
+    );
+    backup.expect_exit(127, Duration::from_secs(10));
+    c.expect_exit(0, Duration::from_secs(30));
+    d.expect_exit(0, Duration::from_secs(30));
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Survivor {
     Primary,
