@@ -10,6 +10,7 @@
 #                                                to these CPUs; 0:0:1 is bench-kv.sh's one-CPU
 #                                                placement)
 #        HALT_POLL_NS=N scripts/profile-ft.sh ...  (idle vCPUs poll N ns before they halt: halt-poll.sh)
+#        KEEP=DIR scripts/profile-ft.sh ...      (copy the perf.data files, run.data and ft-primary.data, to DIR)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="$REPO/target/release/ftvm"
@@ -86,5 +87,6 @@ ip netns exec $LAB-host-b "${PIN_B[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup 
 PIDS+=($!)
 wait_port
 profile ft-primary $pa
+[[ -n "${KEEP:-}" ]] && mkdir -p "$KEEP" && cp "$TMP"/*.data "$KEEP"/
 echo "(__GI___libc_write: TAP writes, with the client's TCP receive they run on one machine;"
 echo " __send: log writes; __libc_recv: ack reads; finish_task_switch: context switches)"

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# FT ÷ non-FT for the KV guest (issue 4) with both servers up at once: a plain `ftvm run` of the
+# KV guest and an FT pair of it (primary on host-a, backup on host-b) in one lab, each with its
+# own address, and redis-benchmark from the `client` namespace alternating between them in short
+# slices (plain, FT, FT, plain, ...). Slices a second or so apart see the same machine, so their
+# ratios vary much less than those of rounds that restart the servers (scripts/ab-ft.sh).
+# Prints each slice pair's FT ÷ run, their median with a 90% bootstrap interval, and CPU µs per
+# request of the plain server, the primary and the backup over all slices.
+# Usage: scripts/ratio-kv.sh [PAIRS]              (root; run scripts/setup.sh first; default 20)
+#   CAP_CPU=0.5            the plain server's and the primary's CPU budget, each its own cgroup
+#                          (scripts/cpu-cap.sh); 0: none
+#   PIN=P:B:C              pin the plain server and the primary to CPU P, the backup to B, the
+#                          client to C (0:0:1: bench-kv.sh's one-CPU placement)
+#   CONC=50 N=50000 TEST=set   redis-benchmark's -c, -n (per slice) and -t (one test)
+#   HALT_POLL_NS=N         idle vCPUs poll N ns before they halt, for this run (scripts/halt-poll.sh)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+F="$REPO/target/release/ftvm"
+G="$REPO/guests/build"
+PAIRS="${1:-20}"
+CAP_CPU="${CAP_CPU:-0.5}"
+CONC="${CONC:-50}"
+N="${N:-50000}"
+TEST="${TEST:-set}"
+LAB=brk
+S=63
+MAC=02:f7:00:00:3f:50
+PLAIN_MAC=02:f7:00:00:3f:51
+TMP="$(mktemp -d)"
+PIDS=()
+source "$REPO/scripts/cpu-cap.sh"
+source "$REPO/scripts/kv-lab.sh"
+PLAIN=198.18.$S.51
+PLAIN_CG=""
+cleanup() {
+    if [[ -n "$PLAIN_CG" && -d "$PLAIN_CG" ]]; then
+        for p in $(cat "$PLAIN_CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
+        rmdir "$PLAIN_CG" 2>/dev/null || true
+    fi
+    kv_lab_cleanup
+}
+trap cleanup EXIT
+[[ "$PAIRS" =~ ^[0-9]+$ && "$PAIRS" -ge 2 && "$PAIRS" -le 500 ]] || { echo "PAIRS: 2..500" >&2; exit 2; }
+cpu_pin "${PIN:-}"
+# Two budgets: the plain server's and the primary's, so neither's idle ticks eat the other's.
+cpu_cap_setup "rk-$LAB-ft" "$CAP_CPU"
+if [[ -n "$CPU_CAP_CG" ]]; then
+    PLAIN_CG=/sys/fs/cgroup/cpu/ftvm-rk-$LAB-plain
+    mkdir -p "$PLAIN_CG"
+    cp "$CPU_CAP_CG/cpu.cfs_period_us" "$PLAIN_CG/cpu.cfs_period_us"
+    cp "$CPU_CAP_CG/cpu.cfs_quota_us" "$PLAIN_CG/cpu.cfs_quota_us"
+fi
+halt_poll_setup
+kv_lab_up ratio-kv
+ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
+ip -n "$LAB-host-a" link set tap1 master br0 up
+inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+wait_at() {
+    for _ in $(seq 100); do
+        inns client redis-cli -h "$1" -p 6379 PING >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "no server at $1:6379" >&2
+    return 1
+}
+ip netns exec "$LAB-host-a" "${PIN_A[@]}" "$F" run --nic "tap=tap1,mac=$PLAIN_MAC,ip=$PLAIN/24" --listen 6379 "$G/kv.wasm" \
+    >/dev/null 2>"$TMP/plain.err" &
+pp=$!; PIDS+=($pp)
+[[ -z "$PLAIN_CG" ]] || echo "$pp" >"$PLAIN_CG/cgroup.procs"
+ip netns exec "$LAB-host-a" "${PIN_A[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+    --tap tap0 >/dev/null 2>"$TMP/primary.err" &
+pa=$!; PIDS+=($pa)
+ip netns exec "$LAB-host-b" "${PIN_B[@]}" "$F" ft --vm "$TMP/kv.toml" --as backup --log $HA:7400 --tiebreak "dir:$TMP/tb" \
+    --tap tap0 >/dev/null 2>"$TMP/backup.err" &
+pb=$!; PIDS+=($pb)
+cpu_cap $pa
+wait_at $PLAIN
+wait_at $VM
+slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks [backup ticks]"
+    local t0 b0 rps
+    t0=$(ticks "$3"); b0=$(ticks $pb)
+    rps=$(inns client "${PIN_C[@]}" timeout 120 redis-benchmark -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" \
+        --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
+    [[ -n "$rps" ]] || { echo "redis-benchmark against $1 ($2) gave no result" >&2; exit 1; }
+    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 ))" >>"$TMP/slices"
+}
+for ((i = 0; i < PAIRS; i++)); do
+    # Alternate the order (ABBA), so a trend within a pair does not favour either side.
+    if ((i % 2 == 0)); then slice run $PLAIN $pp; slice ft $VM $pa; else slice ft $VM $pa; slice run $PLAIN $pp; fi
+    echo -n "." >&2
+done
+echo >&2
+kill -0 $pa $pb $pp || { echo "a server died during the run" >&2; exit 1; }
+echo "redis-benchmark -t $TEST -n $N -c $CONC per slice, $PAIRS pairs; CAP_CPU=$CAP_CPU, PIN=${PIN:-none}, HALT_POLL_NS=${HALT_POLL_NS:-unchanged}"
+python3 - "$TMP/slices" "$HZ" "$N" <<'PY'
+import sys, random, statistics as st
+hz, n = int(sys.argv[2]), int(sys.argv[3])
+rows = [l.split() for l in open(sys.argv[1])]
+run = [r for r in rows if r[0] == "run"]
+ft = [r for r in rows if r[0] == "ft"]
+ratios = [float(f[1]) / float(p[1]) for p, f in zip(run, ft)]
+rng = random.Random(4)
+boot = sorted(st.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+print("req/s per slice, run:", " ".join(r[1].split(".")[0] for r in run))
+print("req/s per slice, FT: ", " ".join(r[1].split(".")[0] for r in ft))
+print("FT ÷ run per pair:", " ".join(f"{x:.3f}" for x in ratios))
+print(f"median {st.median(ratios):.3f}, 90% bootstrap interval {boot[100]:.3f}..{boot[1899]:.3f}, "
+      f"range {min(ratios):.3f}..{max(ratios):.3f}")
+us = lambda rs, col: sum(int(r[col]) for r in rs) * 1e6 / hz / (n * len(rs))
+print(f"req/s, median: run {st.median(float(r[1]) for r in run):.0f}, FT {st.median(float(r[1]) for r in ft):.0f}; "
+      f"CPU µs per request: run {us(run, 2):.2f}, FT primary {us(ft, 2):.2f}, backup {us(ft, 3):.2f}")
+PY
