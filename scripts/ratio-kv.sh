@@ -5,7 +5,8 @@
 # slices (plain, FT, FT, plain, ...). Slices a second or so apart see the same machine, so their
 # ratios vary much less than those of rounds that restart the servers (scripts/ab-ft.sh).
 # Prints each slice pair's FT ÷ run, their median with a 90% bootstrap interval, and CPU µs per
-# request of the plain server, the primary and the backup over all slices.
+# request of the plain server, the primary (each with the part spent in the kernel) and the
+# backup over all slices.
 # Usage: scripts/ratio-kv.sh [PAIRS]              (root; run scripts/setup.sh first; default 20)
 #   CAP_CPU=0.5            the plain server's and the primary's CPU budget, each its own cgroup
 #                          (scripts/cpu-cap.sh); 0: none
@@ -56,6 +57,7 @@ ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
 ip -n "$LAB-host-a" link set tap1 master br0 up
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 wait_at() {
     for _ in $(seq 100); do
@@ -78,13 +80,13 @@ pb=$!; PIDS+=($pb)
 cpu_cap $pa
 wait_at $PLAIN
 wait_at $VM
-slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks [backup ticks]"
-    local t0 b0 rps
-    t0=$(ticks "$3"); b0=$(ticks $pb)
+slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks"
+    local t0 b0 k0 rps
+    t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")
     rps=$(inns client "${PIN_C[@]}" timeout 120 redis-benchmark -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" \
         --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
     [[ -n "$rps" ]] || { echo "redis-benchmark against $1 ($2) gave no result" >&2; exit 1; }
-    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 ))" >>"$TMP/slices"
+    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 ))" >>"$TMP/slices"
 }
 for ((i = 0; i < PAIRS; i++)); do
     # Alternate the order (ABBA), so a trend within a pair does not favour either side.
@@ -110,5 +112,6 @@ print(f"median {st.median(ratios):.3f}, 90% bootstrap interval {boot[100]:.3f}..
       f"range {min(ratios):.3f}..{max(ratios):.3f}")
 us = lambda rs, col: sum(int(r[col]) for r in rs) * 1e6 / hz / (n * len(rs))
 print(f"req/s, median: run {st.median(float(r[1]) for r in run):.0f}, FT {st.median(float(r[1]) for r in ft):.0f}; "
-      f"CPU µs per request: run {us(run, 2):.2f}, FT primary {us(ft, 2):.2f}, backup {us(ft, 3):.2f}")
+      f"CPU µs per request: run {us(run, 2):.2f} (kernel {us(run, 4):.2f}), "
+      f"FT primary {us(ft, 2):.2f} (kernel {us(ft, 4):.2f}), backup {us(ft, 3):.2f}")
 PY
