@@ -14,9 +14,10 @@
 #                          client to C (0:0:1: bench-kv.sh's one-CPU placement)
 #   CONC=50 N=50000 TEST=set   redis-benchmark's -c, -n (per slice) and -t (one test)
 #   HALT_POLL_NS=N         idle vCPUs poll N ns before they halt, for this run (scripts/halt-poll.sh)
+#   FTVM=PATH              the ftvm build to measure (default target/release/ftvm)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-F="$REPO/target/release/ftvm"
+F="${FTVM:-$REPO/target/release/ftvm}"
 G="$REPO/guests/build"
 PAIRS="${1:-20}"
 CAP_CPU="${CAP_CPU:-0.5}"
