@@ -537,13 +537,12 @@ impl Driver {
             return None;
         }
         let mut bytes = Vec::new();
-        for frame in std::mem::take(&mut self.outbox) {
+        // Drained, not taken: the outbox keeps its capacity for the next turn.
+        for frame in self.outbox.drain(..) {
             let start = bytes.len();
-            bytes.extend_from_slice(
-                &frame
-                    .encode()
-                    .expect("frames built by ftvm are within the wire limits"),
-            );
+            frame
+                .encode_into(&mut bytes)
+                .expect("frames built by ftvm are within the wire limits");
             self.frames_sent += 1;
             if self.corrupt_frame == Some(self.frames_sent) {
                 // Test hook: flip one bit in the middle of this frame.
