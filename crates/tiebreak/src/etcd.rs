@@ -9,11 +9,21 @@
 //!   failure: range key                        -> the holder, read in the same transaction
 //! ```
 //!
-//! The liveness record ([`Beat`]) is a plain put on `ftvm/V/beat`, outside the claims' range.
-//! Each put is a new revision of that key, which etcd keeps until the cluster is compacted: a
-//! running primary adds one a second (about 134 bytes each to etcd 3.4's database, measured),
-//! so a cluster that serves ftvm needs auto-compaction (`--auto-compaction-retention`). This
-//! crate never compacts: compaction is cluster-wide, an operator's decision.
+//! The liveness record ([`Beat`]) is two keys outside the claims' range:
+//! - `ftvm/V/beat`, a plain put of the beat that started a primary's run (and of its last word,
+//!   "stopped"): who ran last, kept until the next run overwrites it;
+//! - `ftvm/V/alive`, bound to a lease of [`BEAT_LEASE_TTL_S`] that every later beat of the same
+//!   run only keeps alive. A keepalive is not a write to the key space, so a running primary adds
+//!   no revisions; etcd deletes the key when the beats stop for the lease's TTL.
+//!
+//! Both are written together, in one transaction, when a run starts (a new epoch or owner) or
+//! when its lease ran out (a primary that was paused, or cut off from etcd, for longer than the
+//! TTL). So a VM adds a revision or two per run, not one per beat: the earlier one-put-per-beat
+//! scheme added about 134 bytes of etcd 3.4's database a second, which only a compaction freed.
+//! A starter of a new pair ([`TestAndSet::beats_again`]) takes a present `alive` key, after
+//! waiting longer than its lease's TTL, as a running primary. This crate never compacts:
+//! compaction is cluster-wide, an operator's decision (a cluster should still run with
+//! auto-compaction, for the claims of many epochs).
 //!
 //! etcd serialises transactions through Raft, so exactly one claimant sees `succeeded`. Reading the
 //! holder in the failure branch (rather than with a second request) means the answer is consistent
@@ -26,6 +36,7 @@
 //! The JSON gateway encodes keys and values in base64 and 64-bit integers as strings, and leaves
 //! out fields that have their default value (`"succeeded": false` is simply absent).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -34,7 +45,7 @@ use serde_json::{json, Value};
 
 use crate::{
     epoch_digits, outcome_for, parse_epoch_digits, validate_claim, validate_vm_id, Beat, Outcome,
-    TestAndSet, TiebreakError,
+    TestAndSet, TiebreakError, BEAT_STOPPED,
 };
 
 /// Every key this crate writes starts with this.
@@ -45,12 +56,32 @@ pub const ETCD_TIMEOUT_CONNECT_MS: u64 = 1_000;
 pub const ETCD_TIMEOUT_REQUEST_MS: u64 = 3_000;
 /// Largest answer we read from etcd.
 const ANSWER_BYTES_MAX: u64 = 1 << 20;
+/// The TTL asked for the lease of a primary's `alive` key: three beats at ftvm's one a second, so
+/// one slow answer from etcd does not make a running primary look stopped. (etcd may grant more:
+/// its floor is 1.5 times its election timeout; the starter reads the granted TTL.)
+pub const BEAT_LEASE_TTL_S: u64 = 3;
+/// How much longer than the lease's granted TTL a starter waits before it reads `alive` again.
+pub const BEAT_LEASE_MARGIN_MS: u64 = 500;
+/// The longest granted TTL a starter waits out; a longer one is taken as this (the wait is then
+/// too short to see a stopped primary's key go, so such a primary looks alive: the safe side).
+pub const BEAT_LEASE_WAIT_MAX_S: u64 = 60;
+
+/// The lease that this process's beats keep alive: one run (VM, epoch, owner) at a time.
+#[derive(Clone, Debug)]
+struct BeatLease {
+    vm_id: String,
+    epoch: u64,
+    owner: String,
+    id: String,
+}
 
 /// The tiebreaker on etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdTiebreaker {
     endpoints: Vec<String>,
     agent: ureq::Agent,
+    /// Shared by clones, so that they keep one lease alive rather than each granting its own.
+    lease: Arc<Mutex<Option<BeatLease>>>,
 }
 
 impl EtcdTiebreaker {
@@ -83,7 +114,11 @@ impl EtcdTiebreaker {
             // A proxy in the environment must not sit between us and the tiebreaker.
             .try_proxy_from_env(false)
             .build();
-        Ok(EtcdTiebreaker { endpoints, agent })
+        Ok(EtcdTiebreaker {
+            endpoints,
+            agent,
+            lease: Arc::new(Mutex::new(None)),
+        })
     }
 
     pub fn endpoints(&self) -> &[String] {
@@ -190,19 +225,43 @@ impl TestAndSet for EtcdTiebreaker {
         Ok(Some((epoch, holder)))
     }
 
+    /// The first beat of a run writes `beat` and a leased `alive`; later ones keep the lease
+    /// alive (and write the record again only if another writer replaced it); "stopped"
+    /// overwrites `beat` and lets the lease go.
     fn beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError> {
         validate_claim(vm_id, beat.epoch, &beat.owner)?;
-        let request = json!({
-            "key": B64.encode(beat_key(vm_id)),
-            "value": B64.encode(beat.encode()),
-        });
-        let (endpoint, answer) = self.call("/v3/kv/put", &request)?;
-        if answer.get("header").is_none() {
-            return Err(TiebreakError::EtcdProtocol {
-                endpoint,
-                what: format!("no header in the put answer {answer}"),
-            });
+        let mut held = self.lease.lock().expect("beat lease lock");
+        if beat.count == BEAT_STOPPED {
+            self.put_record(vm_id, beat, None)?;
+            if let Some(lease) = held.take() {
+                // Best effort: unrevoked, the lease and its key end with the TTL anyway.
+                let _ = self.call("/v3/lease/revoke", &json!({ "ID": lease.id }));
+            }
+            return Ok(());
         }
+        let same_run =
+            |l: &&BeatLease| l.vm_id == vm_id && l.epoch == beat.epoch && l.owner == beat.owner;
+        if let Some(lease) = held.as_ref().filter(same_run) {
+            if self.keep_alive(&lease.id)? {
+                if self.alive_lease(vm_id)?.as_deref() == Some(lease.id.as_str()) {
+                    return Ok(());
+                }
+                // Another writer's record replaced ours (a deposed primary's last beat before
+                // it halted, say): ours again, as a put-per-beat record would be.
+                return self.put_record(vm_id, beat, Some(&lease.id));
+            }
+            // It ran out (we were paused or cut off longer than its TTL), and etcd deleted
+            // `alive` with it: a new lease below, and the record again.
+        }
+        *held = None;
+        let id = self.grant(BEAT_LEASE_TTL_S)?;
+        self.put_record(vm_id, beat, Some(&id))?;
+        *held = Some(BeatLease {
+            vm_id: vm_id.to_string(),
+            epoch: beat.epoch,
+            owner: beat.owner.clone(),
+            id,
+        });
         Ok(())
     }
 
@@ -218,12 +277,116 @@ impl TestAndSet for EtcdTiebreaker {
             .map(Some)
             .ok_or_else(|| bad("an unreadable beat"))
     }
+
+    /// A primary that beats keeps `alive`; one that stopped beating loses it within its lease's
+    /// TTL, so the key is read again after waiting out the TTL that etcd granted.
+    fn beats_again(
+        &self,
+        vm_id: &str,
+        _first: &Beat,
+        wait: Duration,
+    ) -> Result<Option<Beat>, TiebreakError> {
+        validate_vm_id(vm_id)?;
+        let granted_s = match self.alive_lease(vm_id)? {
+            Some(id) => self.granted_ttl_s(&id)?,
+            None => 0,
+        };
+        let lease_wait = Duration::from_secs(granted_s.min(BEAT_LEASE_WAIT_MAX_S))
+            + Duration::from_millis(BEAT_LEASE_MARGIN_MS);
+        std::thread::sleep(wait.max(lease_wait));
+        if self.alive_lease(vm_id)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.last_beat(vm_id)?.filter(|b| b.count != BEAT_STOPPED))
+    }
 }
 
 /// Builds the protocol error for a part of an answer we do not understand.
 type Bad = Box<dyn Fn(&str) -> TiebreakError>;
 
 impl EtcdTiebreaker {
+    /// Writes `beat` to `ftvm/V/beat` and, with `lease`, `ftvm/V/alive` bound to it, in one
+    /// transaction.
+    fn put_record(
+        &self,
+        vm_id: &str,
+        beat: &Beat,
+        lease: Option<&str>,
+    ) -> Result<(), TiebreakError> {
+        let mut puts = vec![json!({ "request_put": {
+            "key": B64.encode(beat_key(vm_id)),
+            "value": B64.encode(beat.encode()),
+        } })];
+        if let Some(id) = lease {
+            puts.push(json!({ "request_put": {
+                "key": B64.encode(alive_key(vm_id)),
+                "value": B64.encode(beat.encode()),
+                "lease": id,
+            } }));
+        }
+        let (endpoint, answer) = self.call("/v3/kv/txn", &json!({ "success": puts }))?;
+        if answer.get("header").is_none() {
+            return Err(TiebreakError::EtcdProtocol {
+                endpoint,
+                what: format!("no header in the beat's transaction answer {answer}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// A new lease of (at least) `ttl_s` seconds: its id.
+    fn grant(&self, ttl_s: u64) -> Result<String, TiebreakError> {
+        let (endpoint, answer) =
+            self.call("/v3/lease/grant", &json!({ "TTL": ttl_s.to_string() }))?;
+        match (
+            answer.get("ID").and_then(Value::as_str),
+            answer.get("error"),
+        ) {
+            (Some(id), None) => Ok(id.to_string()),
+            _ => Err(TiebreakError::EtcdProtocol {
+                endpoint,
+                what: format!("no lease in the grant answer {answer}"),
+            }),
+        }
+    }
+
+    /// Keeps lease `id` alive: false if it had run out already.
+    fn keep_alive(&self, id: &str) -> Result<bool, TiebreakError> {
+        let (endpoint, answer) = self.call("/v3/lease/keepalive", &json!({ "ID": id }))?;
+        let Some(result) = answer.get("result") else {
+            return Err(TiebreakError::EtcdProtocol {
+                endpoint,
+                what: format!("no result in the keepalive answer {answer}"),
+            });
+        };
+        // An expired lease's answer has no TTL (the gateway leaves out zero values).
+        Ok(int_field(result, "TTL").unwrap_or(0) > 0)
+    }
+
+    /// The id of the lease `ftvm/V/alive` is bound to, if the key exists.
+    fn alive_lease(&self, vm_id: &str) -> Result<Option<String>, TiebreakError> {
+        let request = json!({ "key": B64.encode(alive_key(vm_id)) });
+        let Some((kv, bad)) = self.range_first(&request)? else {
+            return Ok(None);
+        };
+        kv.get("lease")
+            .and_then(Value::as_str)
+            .map(|id| Some(id.to_string()))
+            .ok_or_else(|| bad("an `alive` key without a lease"))
+    }
+
+    /// The TTL etcd granted lease `id`, in seconds (0 if the lease is gone).
+    fn granted_ttl_s(&self, id: &str) -> Result<u64, TiebreakError> {
+        let (endpoint, answer) = self.call("/v3/lease/timetolive", &json!({ "ID": id }))?;
+        if answer.get("header").is_none() {
+            return Err(TiebreakError::EtcdProtocol {
+                endpoint,
+                what: format!("no header in the time-to-live answer {answer}"),
+            });
+        }
+        Ok(int_field(&answer, "grantedTTL").unwrap_or(0).max(0) as u64)
+    }
+
     /// A range request: its first key-value pair (`None`: no key matched), with the error maker
     /// for the rest of the caller's reading of it.
     fn range_first(&self, request: &Value) -> Result<Option<(Value, Bad)>, TiebreakError> {
@@ -243,6 +406,19 @@ impl EtcdTiebreaker {
 /// The liveness record's key: outside every VM's claims range (`.../epoch/`).
 fn beat_key(vm_id: &str) -> String {
     format!("{ETCD_KEY_PREFIX}{vm_id}/beat")
+}
+
+/// The leased key that exists while the VM's primary beats: outside the claims' range too.
+fn alive_key(vm_id: &str) -> String {
+    format!("{ETCD_KEY_PREFIX}{vm_id}/alive")
+}
+
+/// A 64-bit integer field of a gateway answer (written as a string, or as a number).
+fn int_field(value: &Value, name: &str) -> Option<i64> {
+    match value.get(name)? {
+        Value::String(s) => s.parse().ok(),
+        v => v.as_i64(),
+    }
 }
 
 fn claims_prefix(vm_id: &str) -> String {

@@ -17,12 +17,14 @@
 //!   puts a key only if it was never created.
 //!
 //! Besides claims, each store keeps one liveness record per VM, a [`Beat`], which whatever runs
-//! as the VM's primary overwrites every so often: a starter of a new pair reads it twice, some
-//! time apart, to tell a running pair from a dead one. It is advisory; claims alone decide.
+//! as the VM's primary renews every so often: a starter of a new pair watches it for a while
+//! ([`TestAndSet::beats_again`]) to tell a running pair from a dead one. It is advisory; claims
+//! alone decide.
 //!
-//! **API boundary.** This crate does no waiting and no retrying: an unreachable store is an error
-//! ([`TiebreakError::is_transient`] says so) and the caller decides how long to wait. It keeps no
-//! cache: every answer comes from the store.
+//! **API boundary.** This crate does no retrying: an unreachable store is an error
+//! ([`TiebreakError::is_transient`] says so) and the caller decides how long to wait; the only
+//! waiting is `beats_again`'s, which the caller asks for. It keeps no cache of answers: every
+//! answer comes from the store (the etcd tiebreaker remembers only the lease its beats renew).
 //!
 //! **Owners must be unique per claimant** (for example `host/pid/nonce`). A claim whose holder is
 //! the same owner string is reported as [`Outcome::Won`]: that makes a retry safe after an error
@@ -32,7 +34,10 @@
 mod etcd;
 mod shared_dir;
 
-pub use etcd::{EtcdTiebreaker, ETCD_KEY_PREFIX, ETCD_TIMEOUT_CONNECT_MS, ETCD_TIMEOUT_REQUEST_MS};
+pub use etcd::{
+    EtcdTiebreaker, BEAT_LEASE_MARGIN_MS, BEAT_LEASE_TTL_S, BEAT_LEASE_WAIT_MAX_S, ETCD_KEY_PREFIX,
+    ETCD_TIMEOUT_CONNECT_MS, ETCD_TIMEOUT_REQUEST_MS,
+};
 pub use shared_dir::SharedDirTiebreaker;
 
 /// Longest VM id we accept, in bytes.
@@ -55,8 +60,25 @@ pub trait TestAndSet: Send + Sync {
     /// writes one every so often, and a last one saying it stopped when it ends cleanly. Not a
     /// claim: any writer may overwrite it, and it decides nothing by itself.
     fn beat(&self, vm_id: &str, beat: &Beat) -> Result<(), TiebreakError>;
-    /// The last [`Beat`] written for `vm_id`, if any.
+    /// The last [`Beat`] written for `vm_id`, if any. (etcd keeps the first beat of a run and
+    /// its "stopped": see [`EtcdTiebreaker`].)
     fn last_beat(&self, vm_id: &str) -> Result<Option<Beat>, TiebreakError>;
+    /// For a starter that read `first` (not "stopped") from the liveness record: watches the
+    /// record for at least `wait` and returns the beat that shows a primary still runs, or
+    /// `None` if the record stood still (or says it stopped). By default the record is read
+    /// again after `wait` and a primary runs if it changed; a store whose beats do not rewrite
+    /// the record answers in its own way.
+    fn beats_again(
+        &self,
+        vm_id: &str,
+        first: &Beat,
+        wait: std::time::Duration,
+    ) -> Result<Option<Beat>, TiebreakError> {
+        std::thread::sleep(wait);
+        Ok(self
+            .last_beat(vm_id)?
+            .filter(|now| now != first && now.count != BEAT_STOPPED))
+    }
 }
 
 /// A liveness record: `owner`, the primary of the VM in `epoch`, wrote its `count`th beat, or,

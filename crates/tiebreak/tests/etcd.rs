@@ -216,6 +216,35 @@ fn etcd_sixteen_racers_one_winner() {
     }
 }
 
+fn beat(epoch: u64, count: u64, owner: &str) -> ftvm_tiebreak::Beat {
+    ftvm_tiebreak::Beat {
+        epoch,
+        count,
+        owner: owner.into(),
+    }
+}
+
+/// A range request for `key` straight to the gateway.
+fn range(etcd: &EtcdServer, key: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let text = ureq::post(&format!("{}/v3/kv/range", etcd.client_url))
+        .send_string(&format!(r#"{{"key": "{key}"}}"#))
+        .unwrap()
+        .into_string()
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The cluster's current revision: it grows with every write to the key space.
+fn revision(etcd: &EtcdServer) -> u64 {
+    range(etcd, "ftvm/")["header"]["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn etcd_beats_are_overwritten_and_are_not_claims() {
     let Some(etcd) = EtcdServer::start("etcd_beats_are_overwritten_and_are_not_claims") else {
@@ -223,17 +252,115 @@ fn etcd_beats_are_overwritten_and_are_not_claims() {
     };
     let tb = etcd.tiebreaker();
     assert_eq!(tb.last_beat("vm1").unwrap(), None);
-    for count in [1, 2, ftvm_tiebreak::BEAT_STOPPED] {
-        let beat = ftvm_tiebreak::Beat {
-            epoch: 3,
-            count,
-            owner: "a".into(),
-        };
-        tb.beat("vm1", &beat).unwrap();
-        assert_eq!(tb.last_beat("vm1").unwrap(), Some(beat));
+    // A run's first beat is the record; a new run (epoch or owner) and "stopped" overwrite it.
+    for (first, later) in [
+        (beat(3, 0, "a"), beat(3, 7, "a")),
+        (beat(4, 0, "a"), beat(4, 1, "a")),
+        (beat(4, 2, "b"), beat(4, 3, "b")),
+    ] {
+        tb.beat("vm1", &first).unwrap();
+        tb.beat("vm1", &later).unwrap();
+        assert_eq!(tb.last_beat("vm1").unwrap(), Some(first));
     }
+    let stopped = beat(4, ftvm_tiebreak::BEAT_STOPPED, "b");
+    tb.beat("vm1", &stopped).unwrap();
+    assert_eq!(tb.last_beat("vm1").unwrap(), Some(stopped));
     assert_eq!(tb.current("vm1").unwrap(), None, "a beat claims nothing");
     assert_eq!(tb.last_beat("vm10").unwrap(), None);
+}
+
+/// The beats of one run renew a lease instead of writing: etcd's history does not grow with
+/// them. A starter sees a run that beats as alive, and one that stopped beating as stood still
+/// once its lease ran out; the same run beating again afterwards is alive again.
+#[test]
+fn etcd_beats_renew_a_lease_and_a_run_that_stops_beating_stands_still() {
+    let Some(etcd) = EtcdServer::start("etcd_beats_renew_a_lease") else {
+        return;
+    };
+    let tb = etcd.tiebreaker();
+    let first = beat(5, 0, "a");
+    tb.beat("vm1", &first).unwrap();
+    let after_first = revision(&etcd);
+    for count in 1..=20 {
+        tb.beat("vm1", &beat(5, count, "a")).unwrap();
+    }
+    assert_eq!(
+        revision(&etcd),
+        after_first,
+        "beats of one run wrote to the key space"
+    );
+
+    // Beating once a second, as a primary does, while a starter watches: alive.
+    let beating = |tb: EtcdTiebreaker, until: Instant| {
+        std::thread::spawn(move || {
+            let mut count = 100;
+            while Instant::now() < until {
+                tb.beat("vm1", &beat(5, count, "a")).unwrap();
+                count += 1;
+                std::thread::sleep(Duration::from_millis(1_000));
+            }
+        })
+    };
+    let watch = Duration::from_millis(2_500);
+    let beater = beating(tb.clone(), Instant::now() + Duration::from_secs(5));
+    let started = Instant::now();
+    let seen = tb.beats_again("vm1", &first, watch).unwrap();
+    let waited = started.elapsed();
+    beater.join().unwrap();
+    assert_eq!(
+        seen,
+        Some(first.clone()),
+        "a beating run was taken as stopped"
+    );
+    let lease_wait = Duration::from_secs(ftvm_tiebreak::BEAT_LEASE_TTL_S);
+    assert!(
+        waited > lease_wait,
+        "watched {waited:?}, not past the lease's TTL"
+    );
+
+    // No more beats: the lease runs out within its TTL, and the watch outlasts it.
+    let seen = tb.beats_again("vm1", &first, watch).unwrap();
+    assert_eq!(seen, None, "a run that stopped beating was taken as alive");
+    assert_eq!(
+        tb.last_beat("vm1").unwrap(),
+        Some(first.clone()),
+        "who ran last is kept"
+    );
+
+    // The same run beats again (it was paused): a new lease, alive again.
+    let beater = beating(tb.clone(), Instant::now() + Duration::from_secs(5));
+    let seen = tb.beats_again("vm1", &first, watch).unwrap();
+    beater.join().unwrap();
+    assert!(
+        seen.is_some(),
+        "a run that beats again was taken as stopped"
+    );
+
+    // Another writer replaces the record (a deposed primary's last beat): the running one's
+    // next beat puts its own back, without a new lease.
+    let deposed = etcd.tiebreaker();
+    deposed.beat("vm1", &beat(4, 9, "old")).unwrap();
+    assert_eq!(tb.last_beat("vm1").unwrap(), Some(beat(4, 9, "old")));
+    tb.beat("vm1", &beat(5, 300, "a")).unwrap();
+    assert_eq!(tb.last_beat("vm1").unwrap(), Some(beat(5, 300, "a")));
+    let after_repair = revision(&etcd);
+    tb.beat("vm1", &beat(5, 301, "a")).unwrap();
+    assert_eq!(
+        revision(&etcd),
+        after_repair,
+        "a repaired record is renewed, not rewritten"
+    );
+
+    // A clean stop: the record says so at once, and the lease goes with its key.
+    assert!(range(&etcd, "ftvm/vm1/alive").get("kvs").is_some());
+    let stopped = beat(5, ftvm_tiebreak::BEAT_STOPPED, "a");
+    tb.beat("vm1", &stopped).unwrap();
+    assert_eq!(tb.last_beat("vm1").unwrap(), Some(stopped));
+    assert!(
+        range(&etcd, "ftvm/vm1/alive").get("kvs").is_none(),
+        "a stopped run's lease outlived it"
+    );
+    assert_eq!(tb.beats_again("vm1", &first, Duration::ZERO).unwrap(), None);
 }
 
 #[test]

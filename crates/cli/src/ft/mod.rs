@@ -253,35 +253,33 @@ pub fn refuse_if_running(
     tiebreak: &dyn ftvm_tiebreak::TestAndSet,
     vm_id: &str,
 ) -> Result<bool, crate::opts::Failure> {
-    let read = || {
-        tiebreak
-            .last_beat(vm_id)
-            .map_err(|e| crate::opts::Failure::usage(format!("tiebreaker: {e}")))
-    };
-    let Some(first) = read()? else {
+    let store =
+        |e: ftvm_tiebreak::TiebreakError| crate::opts::Failure::usage(format!("tiebreaker: {e}"));
+    let Some(first) = tiebreak.last_beat(vm_id).map_err(store)? else {
         return Ok(false);
     };
     if first.count == ftvm_tiebreak::BEAT_STOPPED {
         return Ok(false);
     }
     eprintln!(
-        "ftvm: {vm_id} had a primary ({}, epoch {}); watching for its beats for {LIVENESS_WAIT_MS} ms",
+        "ftvm: {vm_id} had a primary ({}, epoch {}); watching for its beats for {LIVENESS_WAIT_MS} ms \
+         (an etcd tiebreaker: its lease's TTL and a half second, if longer)",
         first.owner, first.epoch
     );
-    std::thread::sleep(Duration::from_millis(LIVENESS_WAIT_MS));
-    match read()? {
-        Some(now) if now != first && now.count != ftvm_tiebreak::BEAT_STOPPED => {
-            Err(crate::opts::Failure {
-                code: ftvm_vm::exit_code::HALTED,
-                message: format!(
-                    "{vm_id} is running: its primary {} (epoch {}) is alive; stop that pair \
-                     before starting another (two would run side by side)",
-                    now.owner, now.epoch
-                ),
-                detail: String::new(),
-            })
-        }
-        _ => {
+    let again = tiebreak
+        .beats_again(vm_id, &first, Duration::from_millis(LIVENESS_WAIT_MS))
+        .map_err(store)?;
+    match again {
+        Some(now) => Err(crate::opts::Failure {
+            code: ftvm_vm::exit_code::HALTED,
+            message: format!(
+                "{vm_id} is running: its primary {} (epoch {}) is alive; stop that pair \
+                 before starting another (two would run side by side)",
+                now.owner, now.epoch
+            ),
+            detail: String::new(),
+        }),
+        None => {
             eprintln!("ftvm: no beat from {}: taken as stopped", first.owner);
             Ok(true)
         }
