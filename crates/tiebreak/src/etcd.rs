@@ -16,9 +16,9 @@
 //!   run only keeps alive. A keepalive is not a write to the key space, so a running primary adds
 //!   no revisions; etcd deletes the key when the beats stop for the lease's TTL.
 //!
-//! Both are written together, in one transaction, when a run starts (a new epoch or owner) or
-//! when its lease ran out (a primary that was paused, or cut off from etcd, for longer than the
-//! TTL). So a VM adds a revision or two per run, not one per beat: the earlier one-put-per-beat
+//! Both are written together, in one transaction, when a run starts (a new epoch or owner), when
+//! its lease ran out (a primary that was paused, or cut off from etcd, for longer than the TTL),
+//! or when another writer replaced them (a deposed primary's last beat). So a VM adds a revision or two per run, not one per beat: the earlier one-put-per-beat
 //! scheme added about 134 bytes of etcd 3.4's database a second, which only a compaction freed.
 //! A starter of a new pair ([`TestAndSet::beats_again`]) takes a present `alive` key, after
 //! waiting longer than its lease's TTL, as a running primary. This crate never compacts:
