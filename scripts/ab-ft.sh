@@ -42,8 +42,6 @@ cpu_cap_setup "ab-$LAB" "$CAP_CPU"
 halt_poll_setup
 kv_lab_up ab-ft
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-HZ=$(getconf CLK_TCK)
 switches() { # per thread name: voluntary+involuntary context switches so far
     for t in /proc/"$1"/task/*; do
         echo "$(cat "$t/comm") $(awk '/^(voluntary|nonvoluntary)_ctxt_switches/ { s += $2 } END { print s }' "$t/status")"

@@ -5,7 +5,8 @@
 #   kv_lab_up NAME    the lab, a TAP on host-a and host-b, and $TMP/kv.toml (VM name NAME)
 #   kv_lab_cleanup    kill PIDS, drop the CPU cap, restore halt polling, remove the lab and TMP
 #                     (call from the EXIT trap)
-#   wait_port         wait until the KV guest answers at $VM:6379 (fails after 10 s)
+#   wait_port [ADDR]  wait until the KV guest answers at ADDR:6379 (default $VM; fails after 10 s)
+#   ticks PID         user+system clock ticks of PID so far (0 once it is gone); HZ: ticks a second
 source "$(dirname "${BASH_SOURCE[0]}")/halt-poll.sh"
 VM=198.18.$S.50
 HA=198.18.$S.11
@@ -32,10 +33,13 @@ kv_lab_cleanup() {
     rm -rf "$TMP"
 }
 wait_port() {
+    local addr="${1:-$VM}"
     for _ in $(seq 100); do
-        ip netns exec "$LAB-client" redis-cli -h "$VM" -p 6379 PING >/dev/null 2>&1 && return 0
+        ip netns exec "$LAB-client" redis-cli -h "$addr" -p 6379 PING >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "no server at $VM:6379" >&2
+    echo "no server at $addr:6379" >&2
     return 1
 }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+HZ=$(getconf CLK_TCK)

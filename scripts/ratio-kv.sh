@@ -33,45 +33,23 @@ PIDS=()
 source "$REPO/scripts/cpu-cap.sh"
 source "$REPO/scripts/kv-lab.sh"
 PLAIN=198.18.$S.51
-PLAIN_CG=""
-cleanup() {
-    if [[ -n "$PLAIN_CG" && -d "$PLAIN_CG" ]]; then
-        for p in $(cat "$PLAIN_CG/cgroup.procs"); do echo "$p" >/sys/fs/cgroup/cpu/cgroup.procs 2>/dev/null || true; done
-        rmdir "$PLAIN_CG" 2>/dev/null || true
-    fi
-    kv_lab_cleanup
-}
-trap cleanup EXIT
+trap kv_lab_cleanup EXIT
 [[ "$PAIRS" =~ ^[0-9]+$ && "$PAIRS" -ge 2 && "$PAIRS" -le 500 ]] || { echo "PAIRS: 2..500" >&2; exit 2; }
 cpu_pin "${PIN:-}"
 # Two budgets: the plain server's and the primary's, so neither's idle ticks eat the other's.
+cpu_cap_setup "rk-$LAB-plain" "$CAP_CPU"
+PLAIN_CG="$CPU_CAP_CG"
 cpu_cap_setup "rk-$LAB-ft" "$CAP_CPU"
-if [[ -n "$CPU_CAP_CG" ]]; then
-    PLAIN_CG=/sys/fs/cgroup/cpu/ftvm-rk-$LAB-plain
-    mkdir -p "$PLAIN_CG"
-    cp "$CPU_CAP_CG/cpu.cfs_period_us" "$PLAIN_CG/cpu.cfs_period_us"
-    cp "$CPU_CAP_CG/cpu.cfs_quota_us" "$PLAIN_CG/cpu.cfs_quota_us"
-fi
 halt_poll_setup
 kv_lab_up ratio-kv
 ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
 ip -n "$LAB-host-a" link set tap1 master br0 up
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
-wait_at() {
-    for _ in $(seq 100); do
-        inns client redis-cli -h "$1" -p 6379 PING >/dev/null 2>&1 && return 0
-        sleep 0.1
-    done
-    echo "no server at $1:6379" >&2
-    return 1
-}
 ip netns exec "$LAB-host-a" "${PIN_A[@]}" "$F" run --nic "tap=tap1,mac=$PLAIN_MAC,ip=$PLAIN/24" --listen 6379 "$G/kv.wasm" \
     >/dev/null 2>"$TMP/plain.err" &
 pp=$!; PIDS+=($pp)
-[[ -z "$PLAIN_CG" ]] || echo "$pp" >"$PLAIN_CG/cgroup.procs"
+cpu_cap $pp "$PLAIN_CG"
 ip netns exec "$LAB-host-a" "${PIN_A[@]}" "$F" ft --vm "$TMP/kv.toml" --as primary --log $HA:7400 --tiebreak "dir:$TMP/tb" \
     --tap tap0 >/dev/null 2>"$TMP/primary.err" &
 pa=$!; PIDS+=($pa)
@@ -79,8 +57,8 @@ ip netns exec "$LAB-host-b" "${PIN_B[@]}" "$F" ft --vm "$TMP/kv.toml" --as backu
     --tap tap0 >/dev/null 2>"$TMP/backup.err" &
 pb=$!; PIDS+=($pb)
 cpu_cap $pa
-wait_at $PLAIN
-wait_at $VM
+wait_port $PLAIN
+wait_port $VM
 slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks"
     local t0 b0 k0 rps
     t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")

@@ -513,6 +513,11 @@ fn a_second_pair_of_a_running_vm_never_makes_two_primaries() {
         let claims = pair.claims();
         claims.last().map(|c| c["epoch-".len()..].parse().unwrap())
     });
+    // Every claim there is: the refused starts made none.
+    assert_eq!(
+        pair.claims(),
+        vec!["epoch-00000000000000000001", "epoch-00000000000000000002"]
+    );
 }
 
 /// The same with etcd, whose beats renew a lease rather than rewrite the record.
@@ -671,14 +676,13 @@ fn a_pair_cut_off_from_the_tiebreaker_halts_when_it_finds_a_newer_pair() {
     // held) loses sight of the tiebreaker, and a second pair of its VM is started meanwhile.
     // Once the first can ask again, its primary's watch finds the newer epoch and halts it;
     // its backup, left alone, cannot win the next epoch and halts too.
-    let store = tempfile::tempdir().unwrap();
-    let tb = store.path().join("tb");
-    let view = store.path().join("view");
-    std::fs::create_dir(&tb).unwrap();
-    std::os::unix::fs::symlink(&tb, &view).unwrap();
-    // A line every 2 ms for 12 s.
-    let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
-    let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
+    let CutOff {
+        store: _store, // kept to the end: the store's directory
+        tb,
+        view,
+        first,
+        second,
+    } = CutOff::new();
     let log = free_port();
     let (mut primary, mut backup) = first.running(log, 3);
     std::fs::remove_file(&view).unwrap();
@@ -702,6 +706,36 @@ fn a_pair_cut_off_from_the_tiebreaker_halts_when_it_finds_a_newer_pair() {
     d.expect_exit(0, Duration::from_secs(30));
 }
 
+/// One directory store that a first pair sees through a symbolic link (remove `view` to cut
+/// the pair off from it, link it again to let it back) and a second pair sees directly. The
+/// first pair's guest prints a line every 2 ms for 12 s.
+struct CutOff {
+    store: tempfile::TempDir,
+    tb: PathBuf,
+    view: PathBuf,
+    first: Pair,
+    second: Pair,
+}
+
+impl CutOff {
+    fn new() -> CutOff {
+        let store = tempfile::tempdir().unwrap();
+        let tb = store.path().join("tb");
+        let view = store.path().join("view");
+        std::fs::create_dir(&tb).unwrap();
+        std::os::unix::fs::symlink(&tb, &view).unwrap();
+        let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
+        let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
+        CutOff {
+            store,
+            tb,
+            view,
+            first,
+            second,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Survivor {
     Primary,
@@ -714,14 +748,13 @@ enum Survivor {
 fn alone_and_cut_off_from_the_tiebreaker(survivor: Survivor) {
     // One store, which the first pair sees through a symbolic link that the test removes. The
     // survivor's beats stop with it, so the second pair starts after watching them for 2.5 s.
-    let store = tempfile::tempdir().unwrap();
-    let tb = store.path().join("tb");
-    let view = store.path().join("view");
-    std::fs::create_dir(&tb).unwrap();
-    std::os::unix::fs::symlink(&tb, &view).unwrap();
-    // A line every 2 ms for 12 s.
-    let first = Pair::with_tiebreak(6000, 2, Some(format!("dir:{}", view.display())));
-    let second = Pair::with_tiebreak(200, 2, Some(format!("dir:{}", tb.display())));
+    let CutOff {
+        store,
+        tb,
+        view,
+        first,
+        second,
+    } = CutOff::new();
     let log = free_port();
     let files = ["a", "b"].map(|n| store.path().join(format!("{n}.json")));
     let with_status = |i: usize| ["--status-file", files[i].to_str().unwrap()];
