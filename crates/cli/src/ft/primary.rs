@@ -125,7 +125,8 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         shared: shared.clone(),
         pacing,
         last_pace: Instant::now(),
-        scratch: Vec::new(),
+        record_len_hint: 0,
+        unflushed: false,
         corrupt_record: node.corrupt_record,
         fail_at_record: node.fail_at_record,
     });
@@ -868,7 +869,12 @@ struct DirectSink {
     shared: Arc<Shared>,
     pacing: Arc<Pacing>,
     last_pace: Instant,
-    scratch: Vec<u8>,
+    /// The length of the last record: the next one's buffer starts with that capacity.
+    record_len_hint: usize,
+    /// Whether a record was handed over since the last flush. A flush with nothing new is a
+    /// no-op for the link (an output's flush usually is: a turn's records precede its outputs),
+    /// so it skips the driver lock.
+    unflushed: bool,
     /// Test hook: flip a bit inside this record (its own checksum fails, the frame's holds).
     corrupt_record: Option<u64>,
     /// Test hook: fail the VM, as a host-local error, instead of logging this record.
@@ -882,17 +888,22 @@ impl ftvm_vm::LogSink for DirectSink {
                 "test hook: this host failed at log record {seq}"
             )));
         }
-        self.scratch.clear();
-        entry.encode_framed(seq, &mut self.scratch);
+        let mut bytes = Vec::with_capacity(self.record_len_hint);
+        entry.encode_framed(seq, &mut bytes);
+        self.record_len_hint = bytes.len();
         if self.corrupt_record == Some(seq) {
-            let at = self.scratch.len() - 1;
-            self.scratch[at] ^= 0x01;
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x01;
             eprintln!("ftvm: test hook: corrupted log record {seq}");
         }
-        let bytes = self.scratch.clone();
+        self.unflushed = true;
         self.shared.take_from_vm(ToDriver::Record { seq, bytes })
     }
     fn flush(&mut self) -> Result<(), VmError> {
+        if !self.unflushed {
+            return Ok(());
+        }
+        self.unflushed = false;
         self.shared.take_from_vm(ToDriver::Flush)
     }
     fn pace(&mut self) -> Duration {
