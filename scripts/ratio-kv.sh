@@ -15,6 +15,10 @@
 #   CONC=50 N=50000 TEST=set   redis-benchmark's -c, -n (per slice) and -t (one test)
 #   HALT_POLL_NS=N         idle vCPUs poll N ns before they halt, for this run (scripts/halt-poll.sh)
 #   FTVM=PATH              the ftvm build to measure (default target/release/ftvm)
+#   PERF=DIR               also profile the whole machine over the slices (perf record -a -g,
+#                          kept in DIR/perf.data, the servers' PIDs in DIR/pids) and print each
+#                          server's CPU per request split by system call (scripts/perf-split.py);
+#                          installs linux-perf
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="${FTVM:-$REPO/target/release/ftvm}"
@@ -59,6 +63,17 @@ pb=$!; PIDS+=($pb)
 cpu_cap $pa
 wait_port $PLAIN
 wait_port $VM
+PERF_HZ=999
+if [[ -n "${PERF:-}" ]]; then
+    if ! command -v perf >/dev/null; then
+        echo "[ratio-kv] installing Debian's linux-perf" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+    fi
+    mkdir -p "$PERF"
+    # System-wide: no per-task events, so the servers' context switches cost what they cost.
+    perf record -a -g -e cpu-clock -F $PERF_HZ -o "$PERF/perf.data" >/dev/null 2>"$PERF/perf.err" &
+    perf_pid=$!; PIDS+=($perf_pid)
+fi
 slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks"
     local t0 b0 k0 rps
     t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")
@@ -73,6 +88,10 @@ for ((i = 0; i < PAIRS; i++)); do
     echo -n "." >&2
 done
 echo >&2
+if [[ -n "${PERF:-}" ]]; then
+    kill -INT $perf_pid
+    wait $perf_pid || true
+fi
 kill -0 $pa $pb $pp || { echo "a server died during the run" >&2; exit 1; }
 echo "redis-benchmark -t $TEST -n $N -c $CONC per slice, $PAIRS pairs; CAP_CPU=$CAP_CPU, PIN=${PIN:-none}, HALT_POLL_NS=${HALT_POLL_NS:-unchanged}"
 python3 - "$TMP/slices" "$HZ" "$N" <<'PY'
@@ -94,3 +113,8 @@ print(f"req/s, median: run {st.median(float(r[1]) for r in run):.0f}, FT {st.med
       f"CPU µs per request: run {us(run, 2):.2f} (kernel {us(run, 4):.2f}), "
       f"FT primary {us(ft, 2):.2f} (kernel {us(ft, 4):.2f}), backup {us(ft, 3):.2f}")
 PY
+if [[ -n "${PERF:-}" ]]; then
+    echo "run=$pp primary=$pa backup=$pb" >"$PERF/pids"
+    perf script -i "$PERF/perf.data" -F pid,tid,comm,ip,sym 2>/dev/null |
+        python3 "$REPO/scripts/perf-split.py" $PERF_HZ $((PAIRS * N)) $(cat "$PERF/pids")
+fi
