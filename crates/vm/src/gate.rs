@@ -494,10 +494,15 @@ impl Gate {
                 if let Some(op) = wake.control {
                     self.append(Entry::Control(op))?;
                 }
-                self.append(Entry::Input {
+                // Recorded without a copy: the entry lends the frames and hands them back.
+                let entry = Entry::Input {
                     now_ns: wake.now_ns,
-                    frames: wake.frames.clone(),
-                })?;
+                    frames: std::mem::take(&mut wake.frames),
+                };
+                self.append_ref(&entry)?;
+                if let Entry::Input { frames, .. } = entry {
+                    wake.frames = frames;
+                }
                 wake
             }
             Mode::Replay { .. } => {
@@ -821,11 +826,15 @@ impl Gate {
     }
 
     fn append(&mut self, entry: Entry) -> Result<(), VmError> {
+        self.append_ref(&entry)
+    }
+
+    fn append_ref(&mut self, entry: &Entry) -> Result<(), VmError> {
         let Mode::Record { sink, .. } = &mut self.mode else {
             unreachable!("append in replay mode")
         };
         self.seq += 1;
-        sink.append(self.seq, &entry)
+        sink.append(self.seq, entry)
     }
 
     /// Reads the next entry in replay. `Ok(None)` means the log ended and the gate went live: the
