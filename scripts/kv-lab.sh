@@ -7,6 +7,7 @@
 #                     (call from the EXIT trap)
 #   wait_port [ADDR]  wait until the KV guest answers at ADDR:6379 (default $VM; fails after 10 s)
 #   ticks PID         user+system clock ticks of PID so far (0 once it is gone); HZ: ticks a second
+#   need_perf         install Debian's linux-perf unless perf is there
 source "$(dirname "${BASH_SOURCE[0]}")/halt-poll.sh"
 VM=198.18.$S.50
 HA=198.18.$S.11
@@ -43,3 +44,8 @@ wait_port() {
 }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 HZ=$(getconf CLK_TCK)
+need_perf() {
+    command -v perf >/dev/null && return 0
+    echo "[kv-lab] installing Debian's linux-perf" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
+}

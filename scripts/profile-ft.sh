@@ -28,10 +28,7 @@ trap kv_lab_cleanup EXIT
 cpu_pin "${PIN:-}"
 cpu_cap_setup "profile-$LAB" "$CAP_CPU"
 halt_poll_setup
-if ! command -v perf >/dev/null; then
-    echo "[profile] installing Debian's linux-perf" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
-fi
+need_perf
 kv_lab_up profile-ft
 profile() { # profile NAME PID: load for SECS+1 s, record the process for SECS s, report
     ip netns exec $LAB-client "${PIN_C[@]}" timeout $((SECS + 30)) redis-benchmark -h $VM -p 6379 -t set \

@@ -39,6 +39,7 @@ source "$REPO/scripts/kv-lab.sh"
 PLAIN=198.18.$S.51
 trap kv_lab_cleanup EXIT
 [[ "$PAIRS" =~ ^[0-9]+$ && "$PAIRS" -ge 2 && "$PAIRS" -le 500 ]] || { echo "PAIRS: 2..500" >&2; exit 2; }
+[[ -z "${PERF:-}" ]] || need_perf
 cpu_pin "${PIN:-}"
 # Two budgets: the plain server's and the primary's, so neither's idle ticks eat the other's.
 cpu_cap_setup "rk-$LAB-plain" "$CAP_CPU"
@@ -65,10 +66,6 @@ wait_port $PLAIN
 wait_port $VM
 PERF_HZ=999
 if [[ -n "${PERF:-}" ]]; then
-    if ! command -v perf >/dev/null; then
-        echo "[ratio-kv] installing Debian's linux-perf" >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf >/dev/null
-    fi
     mkdir -p "$PERF"
     # System-wide: no per-task events, so the servers' context switches cost what they cost.
     perf record -a -g -e cpu-clock -F $PERF_HZ -o "$PERF/perf.data" >/dev/null 2>"$PERF/perf.err" &
