@@ -141,17 +141,22 @@ impl<T: OutputLen + std::fmt::Debug> OutputRule<T> {
     /// The backup acknowledged every record up to `acked_seq`: returns the outputs that may now be
     /// sent, oldest first. An ack lower than one seen before changes nothing.
     pub fn release(&mut self, acked_seq: u64) -> Vec<T> {
+        self.release_iter(acked_seq).collect()
+    }
+
+    /// [`OutputRule::release`] without collecting: the released outputs, oldest first, taken as
+    /// the iterator goes (outputs it does not reach stay held).
+    pub fn release_iter(&mut self, acked_seq: u64) -> impl Iterator<Item = T> + '_ {
         self.acked_seq = self.acked_seq.max(acked_seq);
-        let mut out = Vec::new();
-        while let Some((tag, _)) = self.held.front() {
+        std::iter::from_fn(move || {
+            let (tag, _) = self.held.front()?;
             if *tag > self.acked_seq {
-                break;
+                return None;
             }
             let (_, output) = self.held.pop_front().expect("front exists");
             self.held_bytes -= output.output_len();
-            out.push(output);
-        }
-        out
+            Some(output)
+        })
     }
 
     /// The primary lost its backup and won the tiebreak: from now on nothing is held. Returns
@@ -232,6 +237,23 @@ mod tests {
         assert_eq!(rule.release(5), vec![b"c".to_vec(), b"d".to_vec()]);
         assert_eq!(rule.push(5, b"e".to_vec()).unwrap(), Some(b"e".to_vec()));
         assert_eq!((rule.held_count(), rule.held_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn an_iterator_release_takes_only_what_it_reaches() {
+        let mut rule = OutputRule::new(0);
+        rule.push(1, b"ab".to_vec()).unwrap();
+        rule.push(2, b"c".to_vec()).unwrap();
+        rule.push(3, b"d".to_vec()).unwrap();
+        // Acked up to 2, but only the first output is taken: the second stays held.
+        assert_eq!(rule.release_iter(2).next(), Some(b"ab".to_vec()));
+        assert_eq!((rule.held_count(), rule.held_bytes()), (2, 2));
+        // The ack is remembered: the next call releases the rest it covers, not beyond.
+        assert_eq!(
+            rule.release_iter(0).collect::<Vec<_>>(),
+            vec![b"c".to_vec()]
+        );
+        assert_eq!((rule.held_count(), rule.held_bytes()), (1, 1));
     }
 
     #[test]

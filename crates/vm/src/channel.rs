@@ -37,8 +37,9 @@ pub const PACE_PAUSE_MS_MAX: u64 = 100;
 /// Flow control: the pause to take now so that paused time is `slowdown_permille` of all time.
 pub fn pace_pause(pacing: &Pacing, last_pace: &mut std::time::Instant) -> Duration {
     // Host time, used only to size a pause: it never reaches the guest.
-    let ran = last_pace.elapsed();
-    *last_pace = std::time::Instant::now();
+    let now = std::time::Instant::now();
+    let ran = now.saturating_duration_since(*last_pace);
+    *last_pace = now;
     let s = pacing.slowdown_permille.load(Ordering::Relaxed).min(900);
     if s == 0 {
         return Duration::ZERO;

@@ -101,8 +101,14 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         driver: Mutex::new(Driver::new(&node, tenure.clone(), link, pacing.clone())),
         tenure,
         wake: Condvar::new(),
-        channel: Mutex::new(Some(stream)),
-        emitter: Mutex::new(Emitter { transmit }),
+        channel: Mutex::new(LogWriter {
+            stream: Some(stream),
+            buf: Vec::new(),
+        }),
+        emitter: Mutex::new(Emitter {
+            transmit,
+            pending: Vec::new(),
+        }),
     });
     // Acks are handled on the reader thread as they arrive (they release the outputs they
     // cover), records and outputs on the VM thread as they are produced: no hop to another
@@ -531,18 +537,22 @@ impl Driver {
         self.outbox.push(frame);
     }
 
-    /// The frames of this turn, encoded for one write (none once the channel is given up).
-    fn take_outbox_bytes(&mut self) -> Option<Vec<u8>> {
-        if self.outbox.is_empty() || self.channel_closed {
+    /// Whether this turn has frames to write (none once the channel is given up).
+    fn has_outbox(&mut self) -> bool {
+        if self.channel_closed {
             self.outbox.clear();
-            return None;
         }
-        let mut bytes = Vec::new();
+        !self.outbox.is_empty()
+    }
+
+    /// Encodes the frames of this turn into `bytes` (cleared first), for one write.
+    fn encode_outbox(&mut self, bytes: &mut Vec<u8>) {
+        bytes.clear();
         // Drained, not taken: the outbox keeps its capacity for the next turn.
         for frame in self.outbox.drain(..) {
             let start = bytes.len();
             frame
-                .encode_into(&mut bytes)
+                .encode_into(bytes)
                 .expect("frames built by ftvm are within the wire limits");
             self.frames_sent += 1;
             if self.corrupt_frame == Some(self.frames_sent) {
@@ -564,7 +574,6 @@ impl Driver {
         {
             self.rtt_pending.push_back((sent, Instant::now()));
         }
-        Some(bytes)
     }
 
     /// The ack round trip of the newest write this ack covers (host time, for status only).
@@ -589,8 +598,8 @@ impl Driver {
     }
 
     fn release(&mut self, acked: u64) {
-        for Held(output) in self.rule.release(acked) {
-            self.emit(output);
+        for Held(output) in self.rule.release_iter(acked) {
+            self.to_emit.push(output);
         }
     }
 
@@ -686,15 +695,25 @@ struct Shared {
     wake: Condvar,
     /// The log channel's write side. Taken before the driver lock is let go, so bytes leave in
     /// the order the driver decided them; the write itself happens outside the driver lock.
-    channel: Mutex<Option<TcpStream>>,
+    channel: Mutex<LogWriter>,
     /// The same for outputs.
     emitter: Mutex<Emitter>,
     /// Checked before outputs that leave without a backup's ack.
     tenure: Arc<super::Tenure>,
 }
 
+/// The log channel's write side and the buffer a turn's frames are encoded into (it keeps its
+/// capacity from write to write).
+struct LogWriter {
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
 struct Emitter {
     transmit: Option<crate::nic::NicTx>,
+    /// The outputs of the turn being emitted; swapped with the driver's list, so neither
+    /// allocates again.
+    pending: Vec<Output>,
 }
 
 impl Emitter {
@@ -725,25 +744,31 @@ impl Shared {
     /// Ends a turn: writes the frames and emits the outputs it produced, outside the driver lock
     /// but in the order it produced them.
     fn end_turn(&self, mut d: MutexGuard<'_, Driver>) {
-        let bytes = d.take_outbox_bytes();
-        let outputs = std::mem::take(&mut d.to_emit);
+        let has_bytes = d.has_outbox();
         let alone = d.alone;
         let close = d.channel_closed || d.finished;
-        let mut channel =
-            (bytes.is_some() || close).then(|| self.channel.lock().expect("channel lock"));
-        let mut emitter = (!outputs.is_empty()).then(|| self.emitter.lock().expect("emitter lock"));
+        let mut channel = (has_bytes || close).then(|| self.channel.lock().expect("channel lock"));
+        if let (true, Some(channel)) = (has_bytes, channel.as_mut()) {
+            d.encode_outbox(&mut channel.buf);
+        }
+        let mut emitter =
+            (!d.to_emit.is_empty()).then(|| self.emitter.lock().expect("emitter lock"));
+        if let Some(emitter) = emitter.as_mut() {
+            std::mem::swap(&mut d.to_emit, &mut emitter.pending);
+        }
         drop(d);
         if let Some(channel) = channel.as_mut() {
-            if let (Some(bytes), Some(stream)) = (bytes, channel.as_mut()) {
-                if let Err(e) = stream.write_all(&bytes) {
+            let LogWriter { stream, buf } = &mut **channel;
+            if let (true, Some(s)) = (has_bytes, stream.as_mut()) {
+                if let Err(e) = s.write_all(buf) {
                     eprintln!("ftvm: cannot write to the log channel: {e}");
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                    **channel = None;
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    *stream = None;
                 }
             }
             if close {
-                if let Some(stream) = channel.take() {
-                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                if let Some(s) = stream.take() {
+                    let _ = s.shutdown(std::net::Shutdown::Write);
                 }
             }
         }
@@ -754,9 +779,11 @@ impl Shared {
                 // a newer pair. (Outputs held under the Output Rule were acked: safe.)
                 self.tenure.before_output();
             }
-            for output in outputs {
+            let mut outputs = std::mem::take(&mut emitter.pending);
+            for output in outputs.drain(..) {
                 emitter.emit(output);
             }
+            emitter.pending = outputs;
         }
     }
 
