@@ -6,7 +6,9 @@
 # ratios vary much less than those of rounds that restart the servers (scripts/ab-ft.sh).
 # Prints each slice pair's FT ÷ run, their median with a 90% bootstrap interval, and CPU µs per
 # request of the plain server, the primary (each with the part spent in the kernel) and the
-# backup over all slices.
+# backup over all slices, and how often the client had to sleep (its voluntary context switches
+# a request: FT's replies leave in bursts, and each wake-up of a sleeping client is paid for by
+# the server whose reply wakes it).
 # Usage: scripts/ratio-kv.sh [PAIRS]              (root; run scripts/setup.sh first; default 20)
 #   CAP_CPU=0.5            the plain server's and the primary's CPU budget, each its own cgroup
 #                          (scripts/cpu-cap.sh); 0: none
@@ -71,13 +73,24 @@ if [[ -n "${PERF:-}" ]]; then
     perf record -a -g -e cpu-clock -F $PERF_HZ -o "$PERF/perf.data" >/dev/null 2>"$PERF/perf.err" &
     perf_pid=$!; PIDS+=($perf_pid)
 fi
-slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks"
+# Runs a command and writes its voluntary context switches (with those of the children it
+# waited for: timeout's redis-benchmark) to the file named first.
+cat >"$TMP/rusage.py" <<'PY'
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(f"{ru.ru_nvcsw}\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+PY
+slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks client_sleeps"
     local t0 b0 k0 rps
     t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")
-    rps=$(inns client "${PIN_C[@]}" timeout 120 redis-benchmark -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" \
-        --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
+    rps=$(inns client "${PIN_C[@]}" python3 "$TMP/rusage.py" "$TMP/client-sleeps" timeout 120 redis-benchmark \
+        -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
     [[ -n "$rps" ]] || { echo "redis-benchmark against $1 ($2) gave no result" >&2; exit 1; }
-    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 ))" >>"$TMP/slices"
+    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 )) $(cat "$TMP/client-sleeps")" >>"$TMP/slices"
 }
 for ((i = 0; i < PAIRS; i++)); do
     # Alternate the order (ABBA), so a trend within a pair does not favour either side.
@@ -109,6 +122,8 @@ us = lambda rs, col: sum(int(r[col]) for r in rs) * 1e6 / hz / (n * len(rs))
 print(f"req/s, median: run {st.median(float(r[1]) for r in run):.0f}, FT {st.median(float(r[1]) for r in ft):.0f}; "
       f"CPU µs per request: run {us(run, 2):.2f} (kernel {us(run, 4):.2f}), "
       f"FT primary {us(ft, 2):.2f} (kernel {us(ft, 4):.2f}), backup {us(ft, 3):.2f}")
+sleeps = lambda rs: sum(int(r[5]) for r in rs) / (n * len(rs))
+print(f"client's voluntary context switches per request: run {sleeps(run):.4f}, FT {sleeps(ft):.4f}")
 PY
 if [[ -n "${PERF:-}" ]]; then
     echo "run=$pp primary=$pa backup=$pb" >"$PERF/pids"
