@@ -3,7 +3,8 @@
 # guests), LAB, S (the lab's subnet), MAC, TMP and PIDS, and sourced scripts/cpu-cap.sh. It sources
 # scripts/halt-poll.sh (halt_poll_setup applies HALT_POLL_NS, if set):
 #   kv_lab_up NAME    the lab, a TAP on host-a and host-b, and $TMP/kv.toml (VM name NAME)
-#   kv_lab_cleanup    kill PIDS, drop the CPU cap, restore halt polling, remove the lab and TMP
+#   kv_lab_cleanup    kill PIDS and whatever else runs in the lab's namespaces, drop the CPU
+#                     cap, restore halt polling, remove the lab and TMP
 #                     (call from the EXIT trap)
 #   wait_port [ADDR]  wait until the KV guest answers at ADDR:6379 (default $VM; fails after 10 s)
 #   ticks PID         user+system clock ticks of PID so far (0 once it is gone); HZ: ticks a second
@@ -27,7 +28,12 @@ ip = "$VM/24"
 TOML
 }
 kv_lab_cleanup() {
+    local ns
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    # Whatever still runs in the lab (a client cut short by a signal) goes with it.
+    for ns in $(ip netns list | awk -v lab="$LAB-" 'index($1, lab) == 1 { print $1 }'); do
+        ip netns pids "$ns" | xargs -r kill -9 2>/dev/null || true
+    done
     cpu_cap_cleanup
     halt_poll_cleanup
     "$F" lab down --name "$LAB" >/dev/null 2>&1 || true
