@@ -87,9 +87,11 @@ PY
 slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks client_sleeps"
     local t0 b0 k0 rps
     t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")
+    rm -f "$TMP/client-sleeps" # never a previous slice's figure
     rps=$(inns client "${PIN_C[@]}" python3 "$TMP/rusage.py" "$TMP/client-sleeps" timeout 120 redis-benchmark \
         -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
     [[ -n "$rps" ]] || { echo "redis-benchmark against $1 ($2) gave no result" >&2; exit 1; }
+    [[ -s "$TMP/client-sleeps" ]] || { echo "no rusage for the client of $1" >&2; exit 1; }
     echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 )) $(cat "$TMP/client-sleeps")" >>"$TMP/slices"
 }
 for ((i = 0; i < PAIRS; i++)); do
