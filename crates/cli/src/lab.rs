@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Addresses on 198.18.<subnet>.0/24: client .100, host-a .11, host-b .12, host-c .13; VMs use
-//! .50 and up.
+//! .50 and up. The hosts' route to the subnet has `quickack`: their TCP acknowledges at once.
 
 use std::process::Command;
 
@@ -173,6 +173,15 @@ impl Lab {
                 ip(&["-n", &ns, "link", "set", "eth0", "master", "br0", "up"])?;
                 ip(&["-n", &ns, "addr", "add", &addr, "dev", "br0"])?;
                 ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+                // The hosts acknowledge TCP at once on the lab network, as a dedicated FT
+                // logging network should: a backup's host then acknowledges the log within the
+                // primary's write, and the backup yields the CPU (`ft::route`).
+                let net = format!("198.18.{}.0/24", self.subnet);
+                let src = host_ip(self.subnet, host);
+                ip(&[
+                    "-n", &ns, "route", "replace", &net, "dev", "br0", "proto", "kernel", "scope",
+                    "link", "src", &src, "quickack", "1",
+                ])?;
             }
         }
         Ok(())

@@ -398,6 +398,15 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
     relay.cut.store(true, Ordering::SeqCst);
     exactly_one_survives(&mut primary, &mut backup);
     assert_eq!(pair.claims().len(), 2, "one new epoch, claimed once");
+    // The relay ends TCP on both sides, so its acknowledgments are not the backup's host's: the
+    // primary saw the endpoints differ and released outputs only on the backup's own acks.
+    assert!(
+        primary
+            .stderr()
+            .contains("outputs wait for the backup's own acks"),
+        "{}",
+        primary.stderr()
+    );
 }
 
 #[test]
@@ -413,6 +422,23 @@ fn a_corrupted_log_frame_is_detected_not_applied() {
         "{err}"
     );
     assert!(err.contains("checksum"), "{err}");
+    // Its bytes had reached the backup's host, whose TCP acknowledged them, and the primary
+    // releases outputs on that (a direct connection): the backup may never go live without
+    // them. The primary goes on.
+    assert!(
+        primary
+            .stderr()
+            .contains("the backup's host holds the other end"),
+        "{}",
+        primary.stderr()
+    );
+    assert!(err.contains("can never go live consistently"), "{err}");
+    assert!(!err.contains("LIVE"), "{err}");
+    assert!(
+        primary.stderr().contains("going on alone"),
+        "{}",
+        primary.stderr()
+    );
 }
 
 #[test]

@@ -261,6 +261,26 @@ impl BackupLink {
         Ok(())
     }
 
+    /// A frame read after the link failed or broke, from bytes this host had received (and its
+    /// TCP had acknowledged) before the I/O layer shut the channel. The primary releases outputs
+    /// on that acknowledgment, so the records are still taken, in sequence; nothing is sent and
+    /// no other message matters any more. An `Err`: they cannot be taken (a gap, a newer epoch, a
+    /// full queue), and this backup can never go live consistently.
+    pub fn on_drained(&mut self, frame: Frame, now_ms: u64) -> Result<(), ReplError> {
+        if frame.epoch > self.epoch {
+            return Err(ReplError::EpochChanged {
+                theirs: frame.epoch,
+                ours: self.epoch,
+            });
+        }
+        match frame.message {
+            Message::Records { first_seq, records } if frame.epoch == self.epoch => {
+                self.on_records(first_seq, records, now_ms)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The next record to replay, in sequence. Records stay available after the link failed or
     /// closed: the backup replays everything it received before it goes live.
     pub fn pop_record(&mut self) -> Option<Record> {
@@ -766,6 +786,40 @@ mod tests {
             vec![Action::PeerFailed { silent_ms: 1_000 }]
         );
         assert!(link.tick(9_999).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn records_drained_after_the_failure_are_still_taken_in_sequence() {
+        let mut link = connected(LinkConfig::default());
+        link.on_message(records(1, 2), 0).unwrap();
+        assert!(matches!(link.tick(5_000)[..], [Action::PeerFailed { .. }]));
+        assert!(
+            link.on_message(records(3, 2), 5_001).unwrap().is_empty(),
+            "a failed link takes nothing new"
+        );
+        link.on_drained(records(3, 2), 5_001).unwrap();
+        link.on_drained(records(4, 2), 5_001).unwrap(); // 4 again: a duplicate is skipped
+        let heartbeat = Frame::new(
+            5,
+            Message::Heartbeat {
+                now_ms: 1,
+                last_seq: 5,
+            },
+        );
+        link.on_drained(heartbeat, 5_002).unwrap();
+        let seqs: Vec<u64> = std::iter::from_fn(|| link.pop_record().map(|r| r.seq)).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        assert!(matches!(
+            link.on_drained(records(9, 1), 5_003),
+            Err(ReplError::Gap {
+                expected: 6,
+                found: 9
+            })
+        ));
+        assert!(matches!(
+            link.on_drained(Frame::new(6, records(6, 1).message), 5_003),
+            Err(ReplError::EpochChanged { theirs: 6, ours: 5 })
+        ));
     }
 
     #[test]

@@ -274,6 +274,13 @@ pub enum Action {
         theirs: u64,
         ours: u64,
     },
+    /// Primary: the backup's view of the connection's two ends (its own address, the primary's).
+    /// The I/O layer compares them with its own: equal (reversed), no relay terminates TCP
+    /// between the replicas.
+    PeerEndpoints {
+        backup: String,
+        primary: String,
+    },
     /// Primary: the peer runs in a higher epoch, so this primary was deposed. Stop the VM.
     Superseded {
         theirs: u64,

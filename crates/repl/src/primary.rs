@@ -285,6 +285,9 @@ impl PrimaryLink {
                     });
                 }
             }
+            (LinkState::Connected, Message::Endpoints { backup, primary }) => {
+                actions.push(Action::PeerEndpoints { backup, primary });
+            }
             (_, Message::Goodbye { reason }) => {
                 self.state = LinkState::Closed;
                 actions.push(Action::PeerClosed { reason });
@@ -547,6 +550,25 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_backups_view_of_the_connection_is_handed_to_the_io_layer() {
+        let mut link = connected(LinkConfig::default());
+        let ends = Message::Endpoints {
+            backup: "10.0.0.2:5000".into(),
+            primary: "10.0.0.1:7400".into(),
+        };
+        assert_eq!(
+            link.on_message(Frame::new(5, ends.clone()), 1).unwrap(),
+            vec![Action::PeerEndpoints {
+                backup: "10.0.0.2:5000".into(),
+                primary: "10.0.0.1:7400".into(),
+            }]
+        );
+        // Before the handshake it is out of place, as any message but the HelloAck.
+        let (mut early, _) = PrimaryLink::new(LinkConfig::default(), 5, hello(1), 0).unwrap();
+        assert!(early.on_message(Frame::new(5, ends), 1).is_err());
     }
 
     #[test]

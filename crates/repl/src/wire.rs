@@ -33,6 +33,7 @@
 //! | 4    | `Ack`       | received_seq u64 · replayed_seq u64 · replay_lag_ms u64 |
 //! | 5    | `Heartbeat` | now_ms u64 · last_seq u64 |
 //! | 6    | `Goodbye`   | reason u8 (1 shutdown, 2 power-off, 3 guest exit) · code i32 (only for 3) |
+//! | 7    | `Endpoints` | backup (u16 len + UTF-8) · primary (u16 len + UTF-8): the connection's two socket addresses as the backup sees them |
 //!
 //! One connection, primary → backup:
 //!
@@ -40,6 +41,7 @@
 //!   primary                                   backup
 //!      |---- Hello(vm, hashes, start_seq) ------>|  checks vm id, hashes, start_seq
 //!      |<--- HelloAck(ok) ------------------------|
+//!      |<--- Endpoints(backup, primary) ----------|  no TCP relay between them?
 //!      |---- Records(first_seq, [r, r, r]) ----->|  queued for replay
 //!      |<--- Ack(received, replayed, lag) --------|  one per Records, plus periodic ones
 //!      |---- Heartbeat (when idle) ------------->|
@@ -68,7 +70,7 @@ use std::collections::VecDeque;
 
 /// `FTRL` on the wire.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FTRL");
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 24;
 /// Largest payload of one frame.
 pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
@@ -76,6 +78,8 @@ pub const MAX_PAYLOAD_BYTES: usize = 4 << 20;
 pub const MAX_VM_ID_BYTES: usize = 128;
 /// Longest reason text in a `HelloAck`.
 pub const MAX_REASON_BYTES: usize = 1024;
+/// Longest socket address in an `Endpoints` message (an IPv6 address with scope and port fits).
+pub const MAX_ENDPOINT_BYTES: usize = 64;
 /// Bytes of a `Records` payload besides the records' bytes: first_seq and count.
 pub const RECORDS_HEADER_BYTES: usize = 12;
 /// Bytes each record adds to a `Records` payload besides its own bytes: its length.
@@ -90,6 +94,7 @@ const KIND_RECORDS: u8 = 3;
 const KIND_ACK: u8 = 4;
 const KIND_HEARTBEAT: u8 = 5;
 const KIND_GOODBYE: u8 = 6;
+const KIND_ENDPOINTS: u8 = 7;
 
 /// One decoded frame: the sender's epoch and its message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +130,13 @@ pub enum Message {
     /// A clean end of the channel: not a failure.
     Goodbye {
         reason: GoodbyeReason,
+    },
+    /// Backup → primary, after the handshake: the connection's two ends as the backup's socket
+    /// sees them ("ip:port"). When they are the primary's own two ends reversed, no relay
+    /// terminates TCP between the replicas, so a TCP acknowledgment comes from the backup's host.
+    Endpoints {
+        backup: String,
+        primary: String,
     },
 }
 
@@ -169,6 +181,7 @@ impl Message {
             Message::Ack { .. } => KIND_ACK,
             Message::Heartbeat { .. } => KIND_HEARTBEAT,
             Message::Goodbye { .. } => KIND_GOODBYE,
+            Message::Endpoints { .. } => KIND_ENDPOINTS,
         }
     }
 }
@@ -181,6 +194,7 @@ fn kind_name(kind: u8) -> &'static str {
         KIND_ACK => "Ack",
         KIND_HEARTBEAT => "Heartbeat",
         KIND_GOODBYE => "Goodbye",
+        KIND_ENDPOINTS => "Endpoints",
         _ => "unknown",
     }
 }
@@ -364,6 +378,15 @@ fn encode_payload(message: &Message, out: &mut Vec<u8>) -> Result<(), WireError>
                 out.extend_from_slice(&code.to_le_bytes());
             }
         },
+        Message::Endpoints { backup, primary } => {
+            if backup.len() > MAX_ENDPOINT_BYTES || primary.len() > MAX_ENDPOINT_BYTES {
+                return Err(unencodable(format!(
+                    "an endpoint is over {MAX_ENDPOINT_BYTES} bytes"
+                )));
+            }
+            put_str(out, backup);
+            put_str(out, primary);
+        }
     }
     Ok(())
 }
@@ -539,6 +562,10 @@ fn decode_payload(kind: u8, payload: &[u8]) -> Result<Message, String> {
             };
             Message::Goodbye { reason }
         }
+        KIND_ENDPOINTS => Message::Endpoints {
+            backup: r.str(MAX_ENDPOINT_BYTES, "the backup's endpoint")?,
+            primary: r.str(MAX_ENDPOINT_BYTES, "the primary's endpoint")?,
+        },
         _ => unreachable!("kinds are checked before payloads are decoded"),
     };
     r.finish()?;
@@ -678,7 +705,7 @@ impl Decoder {
         if flags != 0 {
             return Err(WireError::BadFlags { offset, flags });
         }
-        if !(KIND_HELLO..=KIND_GOODBYE).contains(&kind) {
+        if !(KIND_HELLO..=KIND_ENDPOINTS).contains(&kind) {
             return Err(WireError::UnknownKind { offset, kind });
         }
         let epoch = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
@@ -803,6 +830,13 @@ mod tests {
                     reason: GoodbyeReason::GuestExit(-2),
                 },
             ),
+            Frame::new(
+                3,
+                Message::Endpoints {
+                    backup: "198.18.3.12:41234".into(),
+                    primary: "[fe80::1%2]:7400".into(),
+                },
+            ),
         ]
     }
 
@@ -912,14 +946,14 @@ mod tests {
             Err(WireError::BadMagic { offset: 0, .. })
         ));
         let mut bad = a.clone();
-        bad[4] = 2;
+        bad[4] = 1;
         let err = decode_all(&bad[..6]).unwrap_err();
         assert!(
             matches!(
                 err,
                 WireError::BadVersion {
-                    found: 2,
-                    supported: 1,
+                    found: 1,
+                    supported: 2,
                     ..
                 }
             ),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use ftvm_log::{ControlOp, Entry};
-use ftvm_repl::wire::Frame;
+use ftvm_repl::wire::{Frame, Message};
 use ftvm_repl::{Action, BackupLink};
 use ftvm_vm::channel::ChannelSource;
 use ftvm_vm::console::ConsolePort;
@@ -32,6 +32,23 @@ const TICK_MS: u64 = 5;
 /// primary, the backup and the client on the same two cores (BENCHMARKS.md): 7-12% more
 /// requests per second at c=50, replay lag unchanged (0 ms). At go-live it is set back to 0.
 pub const DEFAULT_REPLAY_NICE: i32 = 10;
+
+/// Puts the calling thread (Linux: per thread; threads it starts inherit it) in `SCHED_BATCH`,
+/// whose wake-ups do not preempt the running thread, or back in the normal policy.
+fn set_thread_batch(batch: bool) -> std::io::Result<()> {
+    let policy = if batch {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 /// Sets the calling thread's nice value (Linux: per thread).
 fn set_thread_nice(nice: i32) -> std::io::Result<()> {
@@ -58,9 +75,42 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     })?;
     let epoch = blink.epoch();
     eprintln!("ftvm: backup of {} at epoch {epoch}, replaying", node.vm_id);
+    // Tell the primary how this end sees the connection: if no relay ends TCP in between, this
+    // host's TCP acknowledgments count for the Output Rule (see `yields` below).
+    let endpoints = Frame::new(
+        epoch,
+        Message::Endpoints {
+            backup: super::addr_text(stream.local_addr()),
+            primary: super::addr_text(stream.peer_addr()),
+        },
+    );
+    link::write_frame(&stream, &endpoints)
+        .map_err(|e| Failure::usage(format!("cannot write to the log channel: {e}")))?;
 
     // Attached but deaf until go-live: the backup's input is the log, not the wire.
     let attachment = super::attach(&node, false)?;
+    // The primary releases an output once this host's TCP has acknowledged the log up to it
+    // (what it acknowledged is replayed: `Driver::end_of_log`). Where this host acknowledges at
+    // once (its route to the primary has `quickack`), the backup's own threads need not hurry:
+    // they run as SCHED_BATCH until go-live, so their wake-ups do not preempt the primary or a
+    // client on a shared CPU. Otherwise the backup's acks are the ones that count, and its reader
+    // keeps the normal policy.
+    let yields = match super::route::acks_at_once(node.log_addr.ip()) {
+        Ok(at_once) => at_once,
+        Err(e) => {
+            eprintln!("ftvm: cannot look up the route to the primary ({e}); the log reader does not yield");
+            false
+        }
+    };
+    if yields {
+        match set_thread_batch(true) {
+            Ok(()) => eprintln!(
+                "ftvm: this host acknowledges the log channel at once (route quickack): the \
+                 backup yields the CPU until go-live"
+            ),
+            Err(e) => eprintln!("ftvm: cannot make the backup yield ({e}); it runs as it is"),
+        }
+    }
     let (replay_tx, replay_rx) = bounded::<(u64, Entry)>(REPLAY_QUEUE_ENTRIES_MAX);
     let replayed = Arc::new(AtomicU64::new(0));
     let live = Arc::new(AtomicBool::new(false));
@@ -74,6 +124,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         outbox: Vec::new(),
         replay_tx: Some(replay_tx),
         log_ended: false,
+        reader_done: false,
         replayed: replayed.clone(),
         live: live.clone(),
         clean_end: clean_end.clone(),
@@ -108,6 +159,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         clean_end: clean_end.clone(),
         status_file: node.status_file.clone(),
         epoch_check_ms: node.epoch_check_ms,
+        yields,
     };
     let source: Box<dyn ftvm_vm::LogSource> = Box::new(ChannelSource::new(replay_rx, replayed));
     let source = if node.slow_replay_us > 0 {
@@ -230,9 +282,12 @@ struct Driver {
     /// Dropped when the log has ended and every record received was handed over: the replaying
     /// VM then drains the queue and goes live.
     replay_tx: Option<Sender<(u64, Entry)>>,
-    /// No more log will come (failure, goodbye, a bad frame): nothing read from now on is
-    /// applied, and `replay_tx` is dropped once the link's queue is empty.
+    /// No more log will come (failure, goodbye): the channel is shut, so this host's TCP
+    /// acknowledges nothing more; what it had received is still read and applied.
     log_ended: bool,
+    /// The reader reached the channel's end: with `log_ended`, `replay_tx` is dropped once the
+    /// link's queue is empty.
+    reader_done: bool,
     replayed: Arc<AtomicU64>,
     live: Arc<AtomicBool>,
     clean_end: Arc<AtomicBool>,
@@ -280,7 +335,7 @@ impl Driver {
         // Flow control: read no more until the replay queue has room; meanwhile the primary's
         // unacked buffer fills and it stalls.
         loop {
-            if d.log_ended || d.live.load(Ordering::SeqCst) {
+            if d.reader_done || d.live.load(Ordering::SeqCst) {
                 return false;
             }
             if d.replay_room() {
@@ -316,24 +371,39 @@ impl Driver {
                 if !self.clean_end.load(Ordering::SeqCst) {
                     eprintln!("ftvm: log channel from the primary ended: {why}");
                 }
+                self.reader_done = true;
                 self.end_of_log();
             }
+            link::FromPeer::Corrupt(why) => halt(format!(
+                "a log-channel frame failed its checksum ({why}) after this host had \
+                 acknowledged its bytes, so the primary may have released outputs that depend \
+                 on it; this backup can never go live consistently"
+            )),
         }
     }
 
     fn on_frames(&mut self, frames: Vec<Frame>, now: u64) {
         for frame in frames {
-            if self.log_ended {
-                return; // nothing after the end of the log is applied
-            }
             self.bytes_received += link::approx_size(&frame.message);
             self.frames_received += 1;
-            match self.link.on_message(frame, now) {
-                Ok(actions) => self.apply(actions),
-                Err(e) => {
-                    eprintln!("ftvm: log channel protocol error: {e}; the channel is dropped");
-                    self.forward_records();
-                    self.end_of_log();
+            if self.log_ended {
+                // Read after the channel was shut, so it reached this host before: its TCP
+                // acknowledged it, and the primary may have released outputs on that.
+                if let Err(e) = self.link.on_drained(frame, now) {
+                    halt(format!(
+                        "the log this host acknowledged before the channel ended cannot be \
+                         applied ({e}); this backup can never go live consistently"
+                    ));
+                }
+            } else {
+                match self.link.on_message(frame, now) {
+                    Ok(actions) => self.apply(actions),
+                    // Acknowledged bytes (TCP) the backup cannot make sense of: the primary may
+                    // have released outputs that depend on them.
+                    Err(e) => halt(format!(
+                        "log channel protocol error: {e}; this backup can never go live \
+                         consistently"
+                    )),
                 }
             }
             // Records wait in the link until the whole read is acked (`deliver`), unless its
@@ -394,7 +464,7 @@ impl Driver {
     fn forward_records(&mut self) {
         while self.replay_tx.as_ref().is_some_and(|tx| !tx.is_full()) {
             let Some(record) = self.link.pop_record() else {
-                if self.log_ended {
+                if self.log_ended && self.reader_done {
                     self.replay_tx = None;
                 }
                 return;
@@ -412,9 +482,11 @@ impl Driver {
         }
     }
 
-    /// No more log will come: the VM replays everything received (then it goes live or ends).
-    /// What the replay queue has no room for yet follows as the VM makes room (the driver thread
-    /// forwards every tick).
+    /// No more log will come: the channel is shut both ways, so from here this host's TCP
+    /// acknowledges nothing (data that still arrives is answered with a reset); what it had
+    /// received before is read to the end and applied, and the VM replays everything (then it
+    /// goes live or ends). What the replay queue has no room for yet follows as the VM makes
+    /// room (the driver thread forwards every tick).
     fn end_of_log(&mut self) {
         self.send_outbox();
         self.log_ended = true;
@@ -471,6 +543,8 @@ struct Takeover {
     clean_end: Arc<AtomicBool>,
     status_file: Option<std::path::PathBuf>,
     epoch_check_ms: u64,
+    /// The threads run as SCHED_BATCH until go-live.
+    yields: bool,
 }
 
 impl ReplayEnd for Takeover {
@@ -501,6 +575,11 @@ impl ReplayEnd for Takeover {
         if unsafe { libc::geteuid() } == 0 {
             if let Err(e) = set_thread_nice(0) {
                 eprintln!("ftvm: cannot restore the VM thread's priority after go-live ({e})");
+            }
+        }
+        if self.yields {
+            if let Err(e) = set_thread_batch(false) {
+                eprintln!("ftvm: cannot restore the VM thread's policy after go-live ({e})");
             }
         }
         let attachment = self.attachment.lock().expect("attachment lock").take();

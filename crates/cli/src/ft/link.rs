@@ -16,8 +16,11 @@ pub enum FromPeer {
     /// Every frame one read of the socket completed, in order: one wake-up of the driver per
     /// read, not per frame, so a burst is handled (and acked) as one.
     Frames(Vec<Frame>),
-    /// The channel ended: EOF, a read error, a corrupt frame or a stale epoch.
+    /// The channel ended: EOF or a read error. Everything it carried was delivered before.
     Closed(String),
+    /// A frame failed its checksum. Its bytes had reached this host (and were acknowledged by
+    /// its TCP), so the peer may have acted on them.
+    Corrupt(String),
 }
 
 pub fn approx_size(msg: &Message) -> u64 {
@@ -119,7 +122,7 @@ impl Handshaker {
                 if let Some(e) = corrupt {
                     eprintln!("ftvm: corrupt log-channel frame detected, not applied: {e}");
                     let _ = stream.shutdown(std::net::Shutdown::Both);
-                    deliver(FromPeer::Closed(format!("corrupt frame: {e}")));
+                    deliver(FromPeer::Corrupt(e.to_string()));
                     return;
                 }
                 match (&stream).read(&mut buf) {

@@ -19,6 +19,7 @@ mod backup;
 pub use backup::DEFAULT_REPLAY_NICE;
 mod link;
 mod primary;
+mod route;
 mod status;
 
 pub use status::show as status_main;
@@ -509,4 +510,9 @@ pub fn install_power_off_signal(
         }
         std::thread::sleep(Duration::from_millis(20));
     })
+}
+
+/// A socket's address as text for the `Endpoints` message (empty if the socket cannot say).
+fn addr_text(addr: std::io::Result<std::net::SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_default()
 }

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,13 +97,33 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 
     let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
+    let host_acked = Arc::new(AtomicU64::new(0));
+    let direct = Arc::new(AtomicBool::new(false));
+    let ends = (
+        super::addr_text(stream.peer_addr()),
+        super::addr_text(stream.local_addr()),
+    );
     let shared = Arc::new(Shared {
-        driver: Mutex::new(Driver::new(&node, tenure.clone(), link, pacing.clone())),
+        driver: Mutex::new(Driver::new(
+            &node,
+            tenure.clone(),
+            link,
+            pacing.clone(),
+            HostAcks {
+                seq: host_acked.clone(),
+                direct: direct.clone(),
+                ends,
+            },
+        )),
         tenure,
+        host_acked,
+        direct,
         wake: Condvar::new(),
         channel: Mutex::new(LogWriter {
             stream: Some(stream),
             buf: Vec::new(),
+            written: 0,
+            marks: std::collections::VecDeque::new(),
         }),
         emitter: Mutex::new(Emitter {
             transmit,
@@ -368,8 +388,21 @@ struct Driver {
     /// Records sent and not yet acked: (last seq of a write, when it was handed to the socket),
     /// for the ack round trip. At most [`RTT_SAMPLES_MAX`]; older ones are not timed.
     rtt_pending: std::collections::VecDeque<(u64, Instant)>,
+    host_acks: HostAcks,
     /// Smoothed time from writing records to their ack (µs): the Output Rule's added latency.
     ack_rtt_us: u64,
+}
+
+/// Acknowledgments by the backup's host (TCP) of the log channel: an output may leave once its
+/// log is there, because a backup replays everything its host received before the channel ended
+/// (`ft::backup`). Only on a direct connection: a relay that ends TCP would acknowledge for it.
+struct HostAcks {
+    /// The last record seq whose write the backup's host acknowledged (kept by `LogWriter`).
+    seq: Arc<AtomicU64>,
+    /// The backup's `Endpoints` matched `ends`.
+    direct: Arc<AtomicBool>,
+    /// This side's view of the connection: (the backup's address, ours).
+    ends: (String, String),
 }
 
 /// Writes in flight timed for the ack round trip.
@@ -381,6 +414,7 @@ impl Driver {
         tenure: Arc<super::Tenure>,
         link: PrimaryLink,
         pacing: Arc<Pacing>,
+        host_acks: HostAcks,
     ) -> Driver {
         let now = now_ms();
         let epoch = tenure.epoch();
@@ -413,6 +447,7 @@ impl Driver {
             last_record_seq: 0,
             lag_ms: 0,
             rtt_pending: std::collections::VecDeque::new(),
+            host_acks,
             ack_rtt_us: 0,
         }
     }
@@ -428,6 +463,10 @@ impl Driver {
             self.check_still_current()?;
         }
         self.last_loop_ms = now;
+        let host = self.host_acks.seq.load(Ordering::Acquire);
+        if !self.alone && host > self.rule.acked_seq() {
+            self.release(host);
+        }
         Ok(())
     }
 
@@ -484,7 +523,7 @@ impl Driver {
                 }
                 Ok(())
             }
-            link::FromPeer::Closed(why) => {
+            link::FromPeer::Closed(why) | link::FromPeer::Corrupt(why) => {
                 if self.alone {
                     return Ok(());
                 }
@@ -524,6 +563,22 @@ impl Driver {
                 Action::StaleEpoch { theirs, ours } => {
                     eprintln!("ftvm: ignored a frame from stale epoch {theirs} (ours is {ours})");
                 }
+                Action::PeerEndpoints { backup, primary } => {
+                    let (ours_peer, ours_local) = &self.host_acks.ends;
+                    if &backup == ours_peer && &primary == ours_local {
+                        eprintln!(
+                            "ftvm: the backup's host holds the other end of the log channel: \
+                             outputs leave once its TCP has acknowledged their log"
+                        );
+                        self.host_acks.direct.store(true, Ordering::Release);
+                    } else {
+                        eprintln!(
+                            "ftvm: the backup sees the log channel as {backup} to {primary}, this \
+                             host as {ours_peer} to {ours_local}: something in between ends TCP, \
+                             so outputs wait for the backup's own acks"
+                        );
+                    }
+                }
                 Action::Stall
                 | Action::Resume
                 | Action::HandshakeDone
@@ -545,8 +600,9 @@ impl Driver {
         !self.outbox.is_empty()
     }
 
-    /// Encodes the frames of this turn into `bytes` (cleared first), for one write.
-    fn encode_outbox(&mut self, bytes: &mut Vec<u8>) {
+    /// Encodes the frames of this turn into `bytes` (cleared first), for one write. Returns the
+    /// last record seq sent.
+    fn encode_outbox(&mut self, bytes: &mut Vec<u8>) -> u64 {
         bytes.clear();
         // Drained, not taken: the outbox keeps its capacity for the next turn.
         for frame in self.outbox.drain(..) {
@@ -574,6 +630,7 @@ impl Driver {
         {
             self.rtt_pending.push_back((sent, Instant::now()));
         }
+        sent
     }
 
     /// The ack round trip of the newest write this ack covers (host time, for status only).
@@ -700,6 +757,11 @@ struct Shared {
     emitter: Mutex<Emitter>,
     /// Checked before outputs that leave without a backup's ack.
     tenure: Arc<super::Tenure>,
+    /// The last record seq the backup's host acknowledged (TCP): what it holds is replayed.
+    host_acked: Arc<AtomicU64>,
+    /// The backup confirmed that no relay terminates TCP between the two: its host's TCP
+    /// acknowledgment counts. Until then only the backup's own acks release outputs.
+    direct: Arc<AtomicBool>,
 }
 
 /// The log channel's write side and the buffer a turn's frames are encoded into (it keeps its
@@ -707,6 +769,49 @@ struct Shared {
 struct LogWriter {
     stream: Option<TcpStream>,
     buf: Vec<u8>,
+    /// Bytes written to the stream so far.
+    written: u64,
+    /// (stream offset after a write, the last record seq it carried), oldest first: the writes
+    /// whose acknowledgment by the backup's host is not yet known.
+    marks: std::collections::VecDeque<(u64, u64)>,
+}
+
+/// Writes whose host acknowledgment is tracked; past this, the oldest are forgotten (a later
+/// write's acknowledgment covers them).
+const HOST_ACK_MARKS_MAX: usize = 1024;
+
+impl LogWriter {
+    fn note_written(&mut self, seq: u64) {
+        self.written += self.buf.len() as u64;
+        if self.marks.len() == HOST_ACK_MARKS_MAX {
+            self.marks.pop_front();
+        }
+        self.marks.push_back((self.written, seq));
+    }
+
+    /// The last record seq whose write the backup's host has acknowledged (TCP), if that moved.
+    fn host_acked(&mut self) -> Option<u64> {
+        use std::os::fd::AsRawFd;
+        let fd = self.stream.as_ref()?.as_raw_fd();
+        if self.marks.is_empty() {
+            return None;
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int, the bytes the peer has not acknowledged yet.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+            return None;
+        }
+        let acked = self.written.saturating_sub(queued.max(0) as u64);
+        let mut seq = None;
+        while let Some(&(end, s)) = self.marks.front() {
+            if end > acked {
+                break;
+            }
+            seq = Some(s);
+            self.marks.pop_front();
+        }
+        seq
+    }
 }
 
 struct Emitter {
@@ -748,8 +853,9 @@ impl Shared {
         let alone = d.alone;
         let close = d.channel_closed || d.finished;
         let mut channel = (has_bytes || close).then(|| self.channel.lock().expect("channel lock"));
+        let mut sent_seq = 0;
         if let (true, Some(channel)) = (has_bytes, channel.as_mut()) {
-            d.encode_outbox(&mut channel.buf);
+            sent_seq = d.encode_outbox(&mut channel.buf);
         }
         let mut emitter =
             (!d.to_emit.is_empty()).then(|| self.emitter.lock().expect("emitter lock"));
@@ -758,16 +864,25 @@ impl Shared {
         }
         drop(d);
         if let Some(channel) = channel.as_mut() {
-            let LogWriter { stream, buf } = &mut **channel;
-            if let (true, Some(s)) = (has_bytes, stream.as_mut()) {
-                if let Err(e) = s.write_all(buf) {
+            let writer = &mut **channel;
+            if let (true, Some(s)) = (has_bytes, writer.stream.as_mut()) {
+                if let Err(e) = s.write_all(&writer.buf) {
                     eprintln!("ftvm: cannot write to the log channel: {e}");
                     let _ = s.shutdown(std::net::Shutdown::Both);
-                    *stream = None;
+                    writer.stream = None;
+                } else {
+                    writer.note_written(sent_seq);
+                    // Where the backup's host acknowledges at once, the acknowledgment came
+                    // back within this write: the turn's outputs may leave as they are made.
+                    if self.direct.load(Ordering::Acquire) {
+                        if let Some(seq) = writer.host_acked() {
+                            self.host_acked.fetch_max(seq, Ordering::Release);
+                        }
+                    }
                 }
             }
             if close {
-                if let Some(s) = stream.take() {
+                if let Some(s) = writer.stream.take() {
                     let _ = s.shutdown(std::net::Shutdown::Write);
                 }
             }
@@ -828,6 +943,11 @@ impl Shared {
         if d.finished {
             return false;
         }
+        // From the backup a bad frame is only the channel's end: it carries no records.
+        let event = match event {
+            link::FromPeer::Corrupt(why) => link::FromPeer::Closed(format!("corrupt frame: {why}")),
+            other => other,
+        };
         if let link::FromPeer::Closed(why) = event {
             // Handled by the driver thread after its own work of the turn, so a backup that
             // leaves right after acking the guest's last entry is not taken for a failure.
@@ -859,6 +979,18 @@ impl Shared {
     /// The driver thread: heartbeats, the failure timeout, a closed channel, status, the end.
     fn run(&self) -> Result<(), Failure> {
         loop {
+            // An acknowledgment by the backup's host that came after its write (not taken
+            // before the driver lock: `end_turn` takes the two the other way round).
+            if let Some(mut channel) = self
+                .direct
+                .load(Ordering::Acquire)
+                .then(|| self.channel.try_lock().ok())
+                .flatten()
+            {
+                if let Some(seq) = channel.host_acked() {
+                    self.host_acked.fetch_max(seq, Ordering::Release);
+                }
+            }
             let d = self.lock();
             let (mut d, _) = self
                 .wake
