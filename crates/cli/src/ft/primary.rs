@@ -635,15 +635,7 @@ impl Driver {
 
     /// The ack round trip of the newest write this ack covers (host time, for status only).
     fn time_ack(&mut self, acked: u64) {
-        let mut newest = None;
-        while let Some(&(seq, at)) = self.rtt_pending.front() {
-            if seq > acked {
-                break;
-            }
-            newest = Some(at);
-            self.rtt_pending.pop_front();
-        }
-        if let Some(at) = newest {
+        if let Some(at) = pop_through(&mut self.rtt_pending, acked) {
             let us = at.elapsed().as_micros() as u64;
             // EWMA with gain 1/8, as TCP's SRTT.
             self.ack_rtt_us = if self.ack_rtt_us == 0 {
@@ -802,16 +794,22 @@ impl LogWriter {
             return None;
         }
         let acked = self.written.saturating_sub(queued.max(0) as u64);
-        let mut seq = None;
-        while let Some(&(end, s)) = self.marks.front() {
-            if end > acked {
-                break;
-            }
-            seq = Some(s);
-            self.marks.pop_front();
-        }
-        seq
+        pop_through(&mut self.marks, acked)
     }
+}
+
+/// Pops the entries of `queue` (ordered by their key) whose key is at most `upto`; returns the
+/// value of the last one popped.
+fn pop_through<T: Copy>(queue: &mut std::collections::VecDeque<(u64, T)>, upto: u64) -> Option<T> {
+    let mut last = None;
+    while let Some(&(key, value)) = queue.front() {
+        if key > upto {
+            break;
+        }
+        last = Some(value);
+        queue.pop_front();
+    }
+    last
 }
 
 struct Emitter {
