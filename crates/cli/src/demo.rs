@@ -195,9 +195,23 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
     while let Ok(acked) = progress_rx.recv_timeout(Duration::from_secs(DEMO_TIMEOUT_S)) {
         println!("  client | {acked} INCRs acknowledged");
         if killed_at.is_none() && acked >= LAB_DEMO_REQUESTS / 3 {
-            status_at_kill = std::fs::read_to_string(&status)
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            // The driver rewrites the status every 200 ms; a fast client can get here before the
+            // first rewrite with log traffic in it, so wait for one (at most a second).
+            let read_status = || {
+                std::fs::read_to_string(&status)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            };
+            let waited = Instant::now();
+            status_at_kill = read_status();
+            while status_at_kill
+                .as_ref()
+                .is_none_or(|b| b["log_bytes_sent"].as_u64().unwrap_or(0) == 0)
+                && waited.elapsed() < Duration::from_secs(1)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+                status_at_kill = read_status();
+            }
             if let Some(b) = &status_at_kill {
                 println!(
                     "  status | primary epoch {} log bandwidth {:.2} Mbit/s, outputs held {}",
