@@ -60,8 +60,9 @@
 //! would misread: a new message kind, a new field, a changed meaning. A receiver refuses every other
 //! version with [`WireError::BadVersion`] on the first frame; there is no negotiation and no silent
 //! upgrade, because both replicas must run the same ftvm build anyway (the same engine, the same
-//! log format). `flags` is reserved: version 1 defines no flags and refuses frames that set any, so
-//! a future version can give them meaning (compression, say) without being misread.
+//! log format). Version 2 added `Endpoints`. `flags` is reserved: versions 1 and 2 define no
+//! flags and refuse frames that set any, so a future version can give them meaning (compression,
+//! say) without being misread.
 //!
 //! After any decoding error the stream has lost its framing: the [`Decoder`] stays failed and keeps
 //! returning the same error, and the connection must be dropped.
