@@ -97,8 +97,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
 
     let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
-    let host_acked = Arc::new(AtomicU64::new(0));
-    let direct = Arc::new(AtomicBool::new(false));
+    let host_acks = Arc::new(HostAcks::default());
     let ends = (
         super::addr_text(stream.peer_addr()),
         super::addr_text(stream.local_addr()),
@@ -109,15 +108,11 @@ pub fn run(node: Node) -> Result<i32, Failure> {
             tenure.clone(),
             link,
             pacing.clone(),
-            HostAcks {
-                seq: host_acked.clone(),
-                direct: direct.clone(),
-                ends,
-            },
+            host_acks.clone(),
+            ends,
         )),
         tenure,
-        host_acked,
-        direct,
+        host_acks,
         wake: Condvar::new(),
         channel: Mutex::new(LogWriter {
             stream: Some(stream),
@@ -388,7 +383,9 @@ struct Driver {
     /// Records sent and not yet acked: (last seq of a write, when it was handed to the socket),
     /// for the ack round trip. At most [`RTT_SAMPLES_MAX`]; older ones are not timed.
     rtt_pending: std::collections::VecDeque<(u64, Instant)>,
-    host_acks: HostAcks,
+    host_acks: Arc<HostAcks>,
+    /// This side's view of the log channel: (the backup's address, ours), for `Endpoints`.
+    ends: (String, String),
     /// Smoothed time from writing records to their ack (µs): the Output Rule's added latency.
     ack_rtt_us: u64,
 }
@@ -396,13 +393,24 @@ struct Driver {
 /// Acknowledgments by the backup's host (TCP) of the log channel: an output may leave once its
 /// log is there, because a backup replays everything its host received before the channel ended
 /// (`ft::backup`). Only on a direct connection: a relay that ends TCP would acknowledge for it.
+/// Written where the log is written (outside the driver lock), read by the driver.
+#[derive(Default)]
 struct HostAcks {
-    /// The last record seq whose write the backup's host acknowledged (kept by `LogWriter`).
-    seq: Arc<AtomicU64>,
-    /// The backup's `Endpoints` matched `ends`.
-    direct: Arc<AtomicBool>,
-    /// This side's view of the connection: (the backup's address, ours).
-    ends: (String, String),
+    /// The last record seq whose write the backup's host acknowledged.
+    seq: AtomicU64,
+    /// The backup's `Endpoints` matched this side's view: host acks count.
+    direct: AtomicBool,
+}
+
+impl HostAcks {
+    /// After a write, or on a tick: takes what the writer says the backup's host acknowledged.
+    fn take_from(&self, writer: &mut LogWriter) {
+        if self.direct.load(Ordering::Acquire) {
+            if let Some(seq) = writer.host_acked() {
+                self.seq.fetch_max(seq, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// Writes in flight timed for the ack round trip.
@@ -414,7 +422,8 @@ impl Driver {
         tenure: Arc<super::Tenure>,
         link: PrimaryLink,
         pacing: Arc<Pacing>,
-        host_acks: HostAcks,
+        host_acks: Arc<HostAcks>,
+        ends: (String, String),
     ) -> Driver {
         let now = now_ms();
         let epoch = tenure.epoch();
@@ -448,6 +457,7 @@ impl Driver {
             lag_ms: 0,
             rtt_pending: std::collections::VecDeque::new(),
             host_acks,
+            ends,
             ack_rtt_us: 0,
         }
     }
@@ -564,7 +574,7 @@ impl Driver {
                     eprintln!("ftvm: ignored a frame from stale epoch {theirs} (ours is {ours})");
                 }
                 Action::PeerEndpoints { backup, primary } => {
-                    let (ours_peer, ours_local) = &self.host_acks.ends;
+                    let (ours_peer, ours_local) = &self.ends;
                     if &backup == ours_peer && &primary == ours_local {
                         eprintln!(
                             "ftvm: the backup's host holds the other end of the log channel: \
@@ -749,11 +759,8 @@ struct Shared {
     emitter: Mutex<Emitter>,
     /// Checked before outputs that leave without a backup's ack.
     tenure: Arc<super::Tenure>,
-    /// The last record seq the backup's host acknowledged (TCP): what it holds is replayed.
-    host_acked: Arc<AtomicU64>,
-    /// The backup confirmed that no relay terminates TCP between the two: its host's TCP
-    /// acknowledgment counts. Until then only the backup's own acks release outputs.
-    direct: Arc<AtomicBool>,
+    /// What the backup's host acknowledged, shared with the driver.
+    host_acks: Arc<HostAcks>,
 }
 
 /// The log channel's write side and the buffer a turn's frames are encoded into (it keeps its
@@ -870,13 +877,10 @@ impl Shared {
                     writer.stream = None;
                 } else {
                     writer.note_written(sent_seq);
-                    // Where the backup's host acknowledges at once, the acknowledgment came
-                    // back within this write: the turn's outputs may leave as they are made.
-                    if self.direct.load(Ordering::Acquire) {
-                        if let Some(seq) = writer.host_acked() {
-                            self.host_acked.fetch_max(seq, Ordering::Release);
-                        }
-                    }
+                    // Where the backup's host acknowledges at once and is this one (the lab),
+                    // the acknowledgment came back within this write: the turn's outputs may
+                    // leave as they are made.
+                    self.host_acks.take_from(writer);
                 }
             }
             if close {
@@ -979,15 +983,8 @@ impl Shared {
         loop {
             // An acknowledgment by the backup's host that came after its write (not taken
             // before the driver lock: `end_turn` takes the two the other way round).
-            if let Some(mut channel) = self
-                .direct
-                .load(Ordering::Acquire)
-                .then(|| self.channel.try_lock().ok())
-                .flatten()
-            {
-                if let Some(seq) = channel.host_acked() {
-                    self.host_acked.fetch_max(seq, Ordering::Release);
-                }
+            if let Ok(mut channel) = self.channel.try_lock() {
+                self.host_acks.take_from(&mut channel);
             }
             let d = self.lock();
             let (mut d, _) = self
