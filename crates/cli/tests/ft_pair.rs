@@ -390,10 +390,22 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
     let pair = Pair::new(60, 20);
     let log = free_port();
     let relay = Relay::start(log);
-    let mut primary = pair.start("a", "primary", log, &[]);
+    let file = pair.dir.path().join("a.json");
+    let mut primary = pair.start(
+        "a",
+        "primary",
+        log,
+        &["--status-file", file.to_str().unwrap()],
+    );
     let mut backup = pair.start("b", "backup", relay.port, &[]);
     wait_until(Duration::from_secs(20), || {
         iterations(&primary.stdout()).len() >= 5
+    });
+    // Its status says why outputs wait longer here.
+    let show =
+        || String::from_utf8_lossy(&run(&["status", file.to_str().unwrap()]).stdout).into_owned();
+    wait_until(Duration::from_secs(10), || {
+        show().contains("host acks     off: outputs wait for the backup's own acks")
     });
     relay.cut.store(true, Ordering::SeqCst);
     exactly_one_survives(&mut primary, &mut backup);
@@ -1074,6 +1086,21 @@ fn status_tells_a_running_replica_from_its_last_word() {
     assert!(text.contains("role          primary"), "{text}");
     assert!(text.contains("tiebreaker    epoch confirmed"), "{text}");
     assert!(!text.contains("outputs held until"), "{text}");
+    // Loopback is a direct connection: the backup's host acknowledges the log, and the primary
+    // sees it do so.
+    let host_acked = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["host_acked_seq"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(10), || host_acked() > 0);
+    let text = show();
+    assert!(
+        text.contains("host acks     on: outputs leave once the backup's host has the log (seq "),
+        "{text}"
+    );
     primary.expect_exit(0, Duration::from_secs(30));
     backup.expect_exit(0, Duration::from_secs(30));
     let text = show();

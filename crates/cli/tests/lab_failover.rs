@@ -176,6 +176,17 @@ fn primary_sigkill_during_an_incr_client_loses_no_acknowledged_write() {
     let lab = lab_with_taps("ftf1", 20);
     let tb = format!("dir:{}", dir.path().join("tb").display());
     let mut pair = start_pair(&lab, dir.path(), &tb);
+    // Across the lab's switch the channel is direct and the backup's host acknowledges at once
+    // (route quickack): the primary's writes come back acknowledged.
+    let status = dir.path().join("a.json");
+    wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| {
+                v["host_acks"] == true && v["writes_acked_at_once"].as_u64().unwrap_or(0) > 0
+            })
+    });
     let report = incr_through_a_kill(&lab, &mut pair, true, 3000, 800);
     eprintln!(
         "client-visible stall across the failover: {} ms",

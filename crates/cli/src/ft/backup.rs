@@ -526,6 +526,9 @@ impl Driver {
             ack_rtt_us: 0,
             epoch_confirmed_ms_ago: None,
             holding_for_tiebreaker: false,
+            host_acks: None,
+            host_acked_seq: 0,
+            writes_acked_at_once: 0,
         });
     }
 }
@@ -634,6 +637,9 @@ impl ReplayEnd for Takeover {
                         ack_rtt_us: 0,
                         epoch_confirmed_ms_ago: Some(held.confirmed_age_ms()),
                         holding_for_tiebreaker: held.is_holding(),
+                        host_acks: None,
+                        host_acked_seq: 0,
+                        writes_acked_at_once: 0,
                     });
                     std::thread::sleep(Duration::from_millis(super::status::STATUS_INTERVAL_MS));
                 }

@@ -400,16 +400,21 @@ struct HostAcks {
     seq: AtomicU64,
     /// The backup's `Endpoints` matched this side's view: host acks count.
     direct: AtomicBool,
+    /// Writes that the backup's host had acknowledged by the time they returned (for status).
+    at_once: AtomicU64,
 }
 
 impl HostAcks {
     /// After a write, or on a tick: takes what the writer says the backup's host acknowledged.
-    fn take_from(&self, writer: &mut LogWriter) {
-        if self.direct.load(Ordering::Acquire) {
-            if let Some(seq) = writer.host_acked() {
-                self.seq.fetch_max(seq, Ordering::Release);
-            }
+    /// Returns whether host acks count and cover everything written so far.
+    fn take_from(&self, writer: &mut LogWriter) -> bool {
+        if !self.direct.load(Ordering::Acquire) {
+            return false;
         }
+        if let Some(seq) = writer.host_acked() {
+            self.seq.fetch_max(seq, Ordering::Release);
+        }
+        writer.marks.is_empty()
     }
 }
 
@@ -742,6 +747,9 @@ impl Driver {
             ack_rtt_us: self.ack_rtt_us,
             epoch_confirmed_ms_ago: Some(self.tenure.confirmed_age_ms()),
             holding_for_tiebreaker: self.tenure.is_holding(),
+            host_acks: (!self.alone).then(|| self.host_acks.direct.load(Ordering::Acquire)),
+            host_acked_seq: self.host_acks.seq.load(Ordering::Acquire),
+            writes_acked_at_once: self.host_acks.at_once.load(Ordering::Relaxed),
         });
     }
 }
@@ -880,7 +888,9 @@ impl Shared {
                     // Where the backup's host acknowledges at once and is this one (the lab),
                     // the acknowledgment came back within this write: the turn's outputs may
                     // leave as they are made.
-                    self.host_acks.take_from(writer);
+                    if self.host_acks.take_from(writer) {
+                        self.host_acks.at_once.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             if close {

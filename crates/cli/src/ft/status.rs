@@ -30,8 +30,8 @@ pub struct Status {
     /// Writes to the log channel (each a syscall carrying one or more frames).
     #[serde(default)]
     pub log_writes: u64,
-    /// Primary: smoothed time from writing records to the backup's ack (µs), the latency the
-    /// Output Rule adds to an output.
+    /// Primary: smoothed time from writing records to the backup's own ack (µs): the latency the
+    /// Output Rule adds to an output, unless outputs leave on host acks (`host_acks`).
     #[serde(default)]
     pub ack_rtt_us: u64,
     /// A replica running as a primary: how long ago its epoch was last confirmed with the
@@ -40,6 +40,18 @@ pub struct Status {
     pub epoch_confirmed_ms_ago: Option<u64>,
     #[serde(default)]
     pub holding_for_tiebreaker: bool,
+    /// A primary: whether outputs may leave on the backup's host's TCP acknowledgment of the log
+    /// (a direct connection, see `ft::primary`), or wait for the backup's own acks; `None` on a
+    /// backup.
+    #[serde(default)]
+    pub host_acks: Option<bool>,
+    /// The last record seq whose write the backup's host acknowledged.
+    #[serde(default)]
+    pub host_acked_seq: u64,
+    /// Writes whose acknowledgment by the backup's host had come back when the write returned
+    /// (a host that acknowledges at once, on this machine): their outputs waited for nothing.
+    #[serde(default)]
+    pub writes_acked_at_once: u64,
 }
 
 pub struct StatusWriter {
@@ -141,7 +153,21 @@ pub fn show(args: &[String]) -> Result<i32, crate::opts::Failure> {
         g("log_writes").as_u64().unwrap_or(0)
     );
     if let Some(us) = g("ack_rtt_us").as_u64().filter(|&us| us > 0) {
-        println!("ack rtt       {us} us (records written to acked: the Output Rule's delay)");
+        println!(
+            "ack rtt       {us} us (records written to the backup's own ack: the Output Rule's delay unless host acks are on)"
+        );
+    }
+    match g("host_acks").as_bool() {
+        Some(true) => println!(
+            "host acks     on: outputs leave once the backup's host has the log (seq {}; {} of {} writes acked within the write)",
+            g("host_acked_seq"),
+            g("writes_acked_at_once").as_u64().unwrap_or(0),
+            g("log_writes").as_u64().unwrap_or(0)
+        ),
+        Some(false) => println!(
+            "host acks     off: outputs wait for the backup's own acks (no direct connection to its host)"
+        ),
+        None => {}
     }
     if let Some(ms) = g("epoch_confirmed_ms_ago").as_u64() {
         let holding = if g("holding_for_tiebreaker").as_bool() == Some(true) {
