@@ -21,6 +21,9 @@
 #                          kept in DIR/perf.data, the servers' PIDs in DIR/pids) and print each
 #                          server's CPU per request split by system call (scripts/perf-split.py);
 #                          installs linux-perf
+#   SYSCALLS=1             also count the servers' system calls and context switches over the
+#                          slices (perf stat on tracepoints) and print them per request; installs
+#                          linux-perf
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 F="${FTVM:-$REPO/target/release/ftvm}"
@@ -41,7 +44,7 @@ source "$REPO/scripts/kv-lab.sh"
 PLAIN=198.18.$S.51
 trap kv_lab_cleanup EXIT
 [[ "$PAIRS" =~ ^[0-9]+$ && "$PAIRS" -ge 2 && "$PAIRS" -le 500 ]] || { echo "PAIRS: 2..500" >&2; exit 2; }
-[[ -z "${PERF:-}" ]] || need_perf
+[[ -z "${PERF:-}" && -z "${SYSCALLS:-}" ]] || need_perf
 cpu_pin "${PIN:-}"
 # Two budgets: the plain server's and the primary's, so neither's idle ticks eat the other's.
 cpu_cap_setup "rk-$LAB-plain" "$CAP_CPU"
@@ -72,6 +75,12 @@ if [[ -n "${PERF:-}" ]]; then
     # System-wide: no per-task events, so the servers' context switches cost what they cost.
     perf record -a -g -e cpu-clock -F $PERF_HZ -o "$PERF/perf.data" >/dev/null 2>"$PERF/perf.err" &
     perf_pid=$!; PIDS+=($perf_pid)
+fi
+COUNTED=(sendto write read recvfrom ppoll ioctl futex)
+if [[ -n "${SYSCALLS:-}" ]]; then
+    events=$(printf 'syscalls:sys_enter_%s,' "${COUNTED[@]}")sched:sched_switch
+    perf stat -e "$events" -p $pp,$pa,$pb --per-thread -x, -o "$TMP/syscalls.csv" 2>/dev/null &
+    stat_pid=$!; PIDS+=($stat_pid)
 fi
 # Runs a command and writes its voluntary context switches (with those of the children it
 # waited for: timeout's redis-benchmark) to the file named first.
@@ -104,6 +113,10 @@ if [[ -n "${PERF:-}" ]]; then
     kill -INT $perf_pid
     wait $perf_pid || true
 fi
+if [[ -n "${SYSCALLS:-}" ]]; then
+    kill -INT $stat_pid
+    wait $stat_pid || true
+fi
 kill -0 $pa $pb $pp || { echo "a server died during the run" >&2; exit 1; }
 echo "redis-benchmark -t $TEST -n $N -c $CONC per slice, $PAIRS pairs; CAP_CPU=$CAP_CPU, PIN=${PIN:-none}, HALT_POLL_NS=${HALT_POLL_NS:-unchanged}"
 python3 - "$TMP/slices" "$HZ" "$N" <<'PY'
@@ -131,4 +144,30 @@ if [[ -n "${PERF:-}" ]]; then
     echo "run=$pp primary=$pa backup=$pb" >"$PERF/pids"
     perf script -i "$PERF/perf.data" -F pid,tid,comm,ip,sym 2>/dev/null |
         python3 "$REPO/scripts/perf-split.py" $PERF_HZ $((PAIRS * N)) $(cat "$PERF/pids")
+fi
+if [[ -n "${SYSCALLS:-}" ]]; then
+    # perf stat -x, --per-thread: "comm-tid,count,unit,event,...". Each server served PAIRS * N
+    # requests over its own slices; the other slices it idled.
+    python3 - "$TMP/syscalls.csv" $((PAIRS * N)) "run=$pp" "primary=$pa" "backup=$pb" <<'PY'
+import collections, os, sys
+requests = int(sys.argv[2])
+tids = {}
+for arg in sys.argv[3:]:
+    name, pid = arg.split("=")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        tids[tid] = name
+counts = collections.defaultdict(collections.Counter)
+for line in open(sys.argv[1]):
+    f = line.strip().split(",")
+    if len(f) < 4 or not f[1].isdigit():
+        continue
+    tid = f[0].rsplit("-", 1)[-1]
+    event = f[3].split(":")[-1].removeprefix("sys_enter_")
+    if tid in tids:
+        counts[event][tids[tid]] += int(f[1])
+print("per request (all threads of each server):   run  primary   backup")
+for event in sorted(counts, key=lambda e: -sum(counts[e].values())):
+    c = counts[event]
+    print(f"  {event:<38} " + " ".join(f"{c[n] / requests:8.4f}" for n in ("run", "primary", "backup")))
+PY
 fi
