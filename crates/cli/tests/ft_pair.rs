@@ -402,8 +402,7 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
         iterations(&primary.stdout()).len() >= 5
     });
     // Its status says why outputs wait longer here.
-    let show =
-        || String::from_utf8_lossy(&run(&["status", file.to_str().unwrap()]).stdout).into_owned();
+    let show = || status_text(&file);
     wait_until(Duration::from_secs(10), || {
         show().contains("host acks     off: outputs wait for the backup's own acks")
     });
@@ -805,10 +804,7 @@ fn alone_and_cut_off_from_the_tiebreaker(survivor: Survivor) {
         Survivor::Backup => (primary, backup, "LIVE", &files[1]),
         Survivor::Primary => (backup, primary, "going on alone", &files[0]),
     };
-    let status = || {
-        String::from_utf8_lossy(&run(&["status", status_file.to_str().unwrap()]).stdout)
-            .into_owned()
-    };
+    let status = || status_text(status_file);
     dead.signal(libc::SIGKILL);
     dead.wait(Duration::from_secs(5));
     wait_until(Duration::from_secs(10), || {
@@ -1077,8 +1073,7 @@ fn status_tells_a_running_replica_from_its_last_word() {
         &["--status-file", file.to_str().unwrap()],
     );
     let mut backup = pair.start("b", "backup", log, &[]);
-    let show =
-        || String::from_utf8_lossy(&run(&["status", file.to_str().unwrap()]).stdout).into_owned();
+    let show = || status_text(&file);
     let pid = primary.pid();
     let running = format!("process       {pid} (running, written ");
     wait_until(Duration::from_secs(20), || show().contains(&running));
@@ -1147,6 +1142,11 @@ fn a_backup_that_went_live_keeps_its_status_current() {
     });
     assert_eq!(status()["epoch"], 2);
     backup.expect_exit(0, Duration::from_secs(30));
+}
+
+/// What `ftvm status` says of a replica's status file.
+fn status_text(file: &std::path::Path) -> String {
+    String::from_utf8_lossy(&run(&["status", file.to_str().unwrap()]).stdout).into_owned()
 }
 
 /// The nice value of a replica's VM thread (its main thread), from /proc.
