@@ -196,7 +196,8 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
         println!("  client | {acked} INCRs acknowledged");
         if killed_at.is_none() && acked >= LAB_DEMO_REQUESTS / 3 {
             // The driver rewrites the status every 200 ms; a fast client can get here before the
-            // first rewrite with log traffic in it, so wait for one (at most a second).
+            // first rewrite with log traffic in it (and the backup's word on the channel's
+            // endpoints, for host acks), so wait for one (at most a second).
             let read_status = || {
                 std::fs::read_to_string(&status)
                     .ok()
@@ -204,10 +205,9 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
             };
             let waited = Instant::now();
             status_at_kill = read_status();
-            while status_at_kill
-                .as_ref()
-                .is_none_or(|b| b["log_bytes_sent"].as_u64().unwrap_or(0) == 0)
-                && waited.elapsed() < Duration::from_secs(1)
+            while status_at_kill.as_ref().is_none_or(|b| {
+                b["log_bytes_sent"].as_u64().unwrap_or(0) == 0 || b["host_acks"].is_null()
+            }) && waited.elapsed() < Duration::from_secs(1)
             {
                 std::thread::sleep(Duration::from_millis(20));
                 status_at_kill = read_status();
@@ -249,6 +249,19 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
             b["log_bandwidth_bps"].as_u64().unwrap_or(0) as f64 / 1e6,
             b["log_bytes_sent"]
         );
+        let writes = b["log_writes"].as_u64().unwrap_or(0);
+        if b["host_acks"].is_null() {
+            println!("  output rule            not known yet when the primary was killed");
+        } else if b["host_acks"] == true {
+            println!(
+                "  output rule            outputs left once the backup's host had their log: {} of {writes} log writes came back acknowledged",
+                b["writes_acked_at_once"].as_u64().unwrap_or(0)
+            );
+        } else {
+            println!(
+                "  output rule            outputs waited for the backup's own acks ({writes} log writes)"
+            );
+        }
     }
     if let Some(b) = std::fs::read_to_string(dir.join("backup.json"))
         .ok()

@@ -34,6 +34,11 @@ fn the_lab_demo_kills_the_primary_and_no_client_notices() {
         "{text}"
     );
     assert!(line(&text, "log bandwidth").contains("Mbit/s"), "{text}");
+    // The lab's hosts are one switch apart: outputs leave on the backup host's acknowledgment.
+    assert!(
+        line(&text, "output rule").contains("once the backup's host had their log"),
+        "{text}"
+    );
     assert!(line(&text, "backup status").contains("went live"), "{text}");
     assert!(
         line(&text, "verdict").contains("the clients never noticed the failure"),

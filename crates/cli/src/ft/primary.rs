@@ -400,6 +400,8 @@ struct HostAcks {
     seq: AtomicU64,
     /// The backup's `Endpoints` matched this side's view: host acks count.
     direct: AtomicBool,
+    /// The backup's `Endpoints` arrived (until then `direct` says nothing).
+    known: AtomicBool,
     /// Writes that the backup's host had acknowledged by the time they returned (for status).
     at_once: AtomicU64,
 }
@@ -579,6 +581,7 @@ impl Driver {
                     eprintln!("ftvm: ignored a frame from stale epoch {theirs} (ours is {ours})");
                 }
                 Action::PeerEndpoints { backup, primary } => {
+                    self.host_acks.known.store(true, Ordering::Release);
                     let (ours_peer, ours_local) = &self.ends;
                     if &backup == ours_peer && &primary == ours_local {
                         eprintln!(
@@ -747,7 +750,8 @@ impl Driver {
             ack_rtt_us: self.ack_rtt_us,
             epoch_confirmed_ms_ago: Some(self.tenure.confirmed_age_ms()),
             holding_for_tiebreaker: self.tenure.is_holding(),
-            host_acks: (!self.alone).then(|| self.host_acks.direct.load(Ordering::Acquire)),
+            host_acks: (!self.alone && self.host_acks.known.load(Ordering::Acquire))
+                .then(|| self.host_acks.direct.load(Ordering::Acquire)),
             host_acked_seq: self.host_acks.seq.load(Ordering::Acquire),
             writes_acked_at_once: self.host_acks.at_once.load(Ordering::Relaxed),
         });

@@ -42,7 +42,7 @@ pub struct Status {
     pub holding_for_tiebreaker: bool,
     /// A primary: whether outputs may leave on the backup's host's TCP acknowledgment of the log
     /// (a direct connection, see `ft::primary`), or wait for the backup's own acks; `None` on a
-    /// backup.
+    /// backup, on a primary alone, and before the backup has said what it sees (`Endpoints`).
     #[serde(default)]
     pub host_acks: Option<bool>,
     /// The last record seq whose write the backup's host acknowledged.
