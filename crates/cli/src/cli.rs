@@ -62,6 +62,16 @@ pub fn main(args: Vec<String>) -> Result<i32, Failure> {
         print!("{HELP}");
         return Err(Failure::usage("no command given"));
     };
+    if matches!(
+        command.as_str(),
+        "inspect" | "status" | "help" | "--help" | "-h"
+    ) {
+        // Commands that only print: a reader that goes away (`ftvm inspect LOG | head`) ends
+        // them quietly, as it ends other Unix tools. The rest keep Rust's default (SIGPIPE
+        // ignored), so that a VM's console on a closed pipe is an error, not a killed replica.
+        // SAFETY: setting a signal's disposition to the default has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match command.as_str() {
         "run" => run(rest),
         "replay" => replay(rest),

@@ -580,3 +580,29 @@ fn fuel_counts_replay_exactly() {
         "the final checkpoint carries an instruction count: {fuel:?}"
     );
 }
+
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    // `ftvm inspect LOG | head`: the reader goes away. Rust ignores SIGPIPE by default, and a
+    // failed print panicked; a printing command should end as other Unix tools do.
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("c.log");
+    record("clockrand", &["2"], None, &log);
+    let mut child = std::process::Command::new(ftvm())
+        .args(["inspect", log.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the child can have written (it still has to read the log).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.signal() == Some(libc::SIGPIPE) || out.status.code() == Some(0),
+        "{:?}: {err}",
+        out.status
+    );
+}
