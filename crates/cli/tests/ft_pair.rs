@@ -1040,12 +1040,9 @@ fn a_lagging_backup_slows_the_primary_down() {
         .is_none()
     {
         assert!(Instant::now() < deadline, "primary did not finish");
-        if let Ok(text) = std::fs::read_to_string(&status) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                max_slowdown = max_slowdown.max(v["slowdown_permille"].as_u64().unwrap_or(0));
-                max_lag = max_lag.max(v["lag_ms"].as_u64().unwrap_or(0));
-            }
-        }
+        let v = status_json(&status);
+        max_slowdown = max_slowdown.max(v["slowdown_permille"].as_u64().unwrap_or(0));
+        max_lag = max_lag.max(v["lag_ms"].as_u64().unwrap_or(0));
         std::thread::sleep(Duration::from_millis(50));
     }
     primary.expect_exit(0, Duration::from_secs(1));
@@ -1083,14 +1080,9 @@ fn status_tells_a_running_replica_from_its_last_word() {
     assert!(!text.contains("outputs held until"), "{text}");
     // Loopback is a direct connection: the backup's host acknowledges the log, and the primary
     // sees it do so.
-    let host_acked = || {
-        std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["host_acked_seq"].as_u64())
-            .unwrap_or(0)
-    };
-    wait_until(Duration::from_secs(10), || host_acked() > 0);
+    wait_until(Duration::from_secs(10), || {
+        status_json(&file)["host_acked_seq"].as_u64().unwrap_or(0) > 0
+    });
     let text = show();
     assert!(
         text.contains("host acks     on: outputs leave once the backup's host has the log (seq "),
@@ -1126,12 +1118,7 @@ fn a_backup_that_went_live_keeps_its_status_current() {
     });
     primary.signal(libc::SIGKILL);
     primary.wait(Duration::from_secs(5));
-    let status = || {
-        std::fs::read_to_string(&file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .unwrap_or_default()
-    };
+    let status = || status_json(&file);
     wait_until(Duration::from_secs(10), || {
         status()["role"] == "primary (alone, went live)"
     });

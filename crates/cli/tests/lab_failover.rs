@@ -180,12 +180,8 @@ fn primary_sigkill_during_an_incr_client_loses_no_acknowledged_write() {
     // (route quickack): the primary's writes come back acknowledged.
     let status = dir.path().join("a.json");
     wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(&status)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_some_and(|v| {
-                v["host_acks"] == true && v["writes_acked_at_once"].as_u64().unwrap_or(0) > 0
-            })
+        let v = status_json(&status);
+        v["host_acks"] == true && v["writes_acked_at_once"].as_u64().unwrap_or(0) > 0
     });
     let report = incr_through_a_kill(&lab, &mut pair, true, 3000, 800);
     eprintln!(
