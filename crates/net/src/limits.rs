@@ -35,6 +35,13 @@ pub const MAX_NEIGHBORS: usize = 256;
 pub const ARP_REQUEST_INTERVAL_NS: u64 = 1_000_000_000;
 /// Gratuitous ARP requests queued by [`crate::NetStack::announce`].
 pub const GRATUITOUS_ARP_COUNT: usize = 3;
+/// Gratuitous ARP requests [`crate::NetStack::announce`] sends again later, one at a time: a
+/// frame of the old location that a switch sees after the first ones (still queued on the failed
+/// host's side when it died) would otherwise leave the switch pointing there.
+pub const ANNOUNCE_REPEATS: u8 = 5;
+/// The gap before the first repeat; each later gap is twice the one before (0.1, 0.3, 0.7, 1.5
+/// and 3.1 s after the announcement).
+pub const ANNOUNCE_REPEAT_FIRST_NS: u64 = 100_000_000;
 
 /// MSS assumed when the peer's SYN has no MSS option (RFC 9293).
 pub const DEFAULT_PEER_MSS: u16 = 536;

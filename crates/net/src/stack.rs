@@ -152,6 +152,14 @@ pub struct NetStack {
     /// ACKs of in-order data wait for [`NetStack::end_turn`] (set by the VM host).
     #[serde(default)]
     defer_acks: bool,
+    /// Repeats of the last [`NetStack::announce`] still to send, when the next is due (set by the
+    /// first [`NetStack::poll`] after it) and the gap after that one.
+    #[serde(default)]
+    announce_repeats_left: u8,
+    #[serde(default)]
+    announce_at_ns: Option<u64>,
+    #[serde(default)]
+    announce_gap_ns: u64,
 }
 
 const INVALID_READINESS: Readiness = Readiness {
@@ -189,6 +197,9 @@ impl NetStack {
             outbox: Vec::new(),
             stats: Stats::default(),
             defer_acks: false,
+            announce_repeats_left: 0,
+            announce_at_ns: None,
+            announce_gap_ns: 0,
         }
     }
 
@@ -868,6 +879,19 @@ impl NetStack {
         );
         self.arp_requested
             .retain(|_, t| now.saturating_sub(*t) < ARP_REQUEST_INTERVAL_NS);
+        if self.announce_repeats_left > 0 {
+            match self.announce_at_ns {
+                None => self.announce_at_ns = Some(now + self.announce_gap_ns),
+                Some(at) if at <= now => {
+                    self.gratuitous_arp();
+                    self.announce_repeats_left -= 1;
+                    self.announce_gap_ns = self.announce_gap_ns.saturating_mul(2);
+                    self.announce_at_ns =
+                        (self.announce_repeats_left > 0).then(|| now + self.announce_gap_ns);
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// Runs `f` on every connection `due` selects (in id order), then transmits what it queued
@@ -903,12 +927,27 @@ impl NetStack {
 
     /// The earliest time at which [`NetStack::poll`] has work, if any.
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        self.sockets.values().filter_map(Tcb::next_deadline).min()
+        self.sockets
+            .values()
+            .filter_map(Tcb::next_deadline)
+            .chain(self.announce_at_ns)
+            .min()
     }
 
     /// Queues [`GRATUITOUS_ARP_COUNT`] gratuitous ARP requests announcing our MAC for our IP
-    /// (failover go-live: switches and peers learn the new location).
+    /// (failover go-live: switches and peers learn the new location), and sends
+    /// [`ANNOUNCE_REPEATS`] more from [`NetStack::poll`], the first [`ANNOUNCE_REPEAT_FIRST_NS`]
+    /// after the next poll, each later one twice as long after the one before.
     pub fn announce(&mut self) {
+        for _ in 0..GRATUITOUS_ARP_COUNT {
+            self.gratuitous_arp();
+        }
+        self.announce_repeats_left = ANNOUNCE_REPEATS;
+        self.announce_at_ns = None;
+        self.announce_gap_ns = ANNOUNCE_REPEAT_FIRST_NS;
+    }
+
+    fn gratuitous_arp(&mut self) {
         let arp = ArpPacket {
             oper: wire::ARP_REQUEST,
             sha: self.cfg.mac,
@@ -916,11 +955,9 @@ impl NetStack {
             tha: [0; 6],
             tpa: self.cfg.ip,
         };
-        for _ in 0..GRATUITOUS_ARP_COUNT {
-            let f = wire::build_arp_frame(wire::MAC_BROADCAST, self.cfg.mac, &arp);
-            self.stats.arp_requests_sent += 1;
-            self.push_frame(f);
-        }
+        let f = wire::build_arp_frame(wire::MAC_BROADCAST, self.cfg.mac, &arp);
+        self.stats.arp_requests_sent += 1;
+        self.push_frame(f);
     }
 
     /// Immediately re-sends all unacknowledged data, FINs and SYN-ACKs of every connection, plus

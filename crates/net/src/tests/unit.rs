@@ -69,6 +69,33 @@ fn arp_request_for_our_ip_is_answered_and_sender_learned() {
 }
 
 #[test]
+fn announce_sends_gratuitous_arps_again_with_growing_gaps() {
+    let mut s = stack();
+    let t0 = 5_000_000_000;
+    s.announce();
+    assert_eq!(s.drain_frames().count(), GRATUITOUS_ARP_COUNT);
+    s.poll(t0);
+    let mut at = t0;
+    let mut gap = ANNOUNCE_REPEAT_FIRST_NS;
+    for repeat in 0..ANNOUNCE_REPEATS {
+        assert_eq!(s.next_deadline_ns(), Some(at + gap), "repeat {repeat}");
+        s.poll(at + gap - 1);
+        assert_eq!(s.drain_frames().count(), 0, "not before its time");
+        at += gap;
+        s.poll(at);
+        let out: Vec<Vec<u8>> = s.drain_frames().collect();
+        assert_eq!(out.len(), 1, "repeat {repeat}");
+        let eth = wire::parse_eth(&out[0]).unwrap();
+        assert_eq!((eth.dst, eth.src), (wire::MAC_BROADCAST, SERVER_MAC));
+        assert_eq!(wire::parse_arp(eth.payload).unwrap().spa, SERVER_IP);
+        gap *= 2;
+    }
+    assert_eq!(s.next_deadline_ns(), None, "no more after the last");
+    s.poll(at + 100 * gap);
+    assert_eq!(s.drain_frames().count(), 0);
+}
+
+#[test]
 fn announce_queues_three_gratuitous_arps() {
     let mut s = stack();
     s.announce();
