@@ -198,20 +198,9 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
             // The driver rewrites the status every 200 ms; a fast client can get here before the
             // first rewrite with log traffic in it (and the backup's word on the channel's
             // endpoints, for host acks), so wait for one (at most a second).
-            let read_status = || {
-                std::fs::read_to_string(&status)
-                    .ok()
-                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            };
-            let waited = Instant::now();
-            status_at_kill = read_status();
-            while status_at_kill.as_ref().is_none_or(|b| {
-                b["log_bytes_sent"].as_u64().unwrap_or(0) == 0 || b["host_acks"].is_null()
-            }) && waited.elapsed() < Duration::from_secs(1)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-                status_at_kill = read_status();
-            }
+            status_at_kill = wait_for_status(&status, Duration::from_secs(1), |b| {
+                b["log_bytes_sent"].as_u64().unwrap_or(0) > 0 && !b["host_acks"].is_null()
+            });
             if let Some(b) = &status_at_kill {
                 println!(
                     "  status | primary epoch {} log bandwidth {:.2} Mbit/s, outputs held {}",
@@ -263,10 +252,13 @@ fn run_lab_demo(exe: &Path, kv: &Path, dir: &Path) -> Result<i32, Failure> {
             );
         }
     }
-    if let Some(b) = std::fs::read_to_string(dir.join("backup.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    {
+    // A backup that went live rewrites its status from a thread of its own, a few hundred ms
+    // after the go-live; a client that finished quickly may be done before that, so wait for it
+    // (at most two seconds).
+    let backup_status = wait_for_status(&dir.join("backup.json"), Duration::from_secs(2), |b| {
+        b["role"].as_str() != Some("backup")
+    });
+    if let Some(b) = backup_status {
         println!(
             "  backup status          role {} epoch {}",
             b["role"].as_str().unwrap_or("?"),
@@ -446,4 +438,25 @@ fn run_console_demo(exe: &Path, guest: &Path, dir: &Path) -> Result<i32, Failure
         }
     );
     Ok(if ok { 0 } else { 1 })
+}
+
+/// A replica's status file, read again every 20 ms until `done` holds or `limit` has passed:
+/// the last reading (`None` if it never parsed).
+fn wait_for_status(
+    file: &Path,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let read = || {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    };
+    let started = Instant::now();
+    let mut last = read();
+    while !last.as_ref().is_some_and(&done) && started.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+        last = read();
+    }
+    last
 }
