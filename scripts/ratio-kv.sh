@@ -50,12 +50,16 @@ cpu_pin "${PIN:-}"
 cpu_cap_setup "rk-$LAB-plain" "$CAP_CPU"
 PLAIN_CG="$CPU_CAP_CG"
 cpu_cap_setup "rk-$LAB-ft" "$CAP_CPU"
+FT_CG="$CPU_CAP_CG"
 halt_poll_setup
 kv_lab_up ratio-kv
 ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
 ip -n "$LAB-host-a" link set tap1 master br0 up
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
 sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
+# "periods throttled" of a CPU budget so far (0 0 without one): a server that is not throttled
+# in a period left part of its budget unused (it waited, or something else had the CPU).
+throttles() { [[ -n "$1" ]] && awk '/^nr_periods/ {p = $2} /^nr_throttled/ {t = $2} END {print p, t}' "$1/cpu.stat" || echo 0 0; }
 ip netns exec "$LAB-host-a" "${PIN_A[@]}" "$F" run --nic "tap=tap1,mac=$PLAIN_MAC,ip=$PLAIN/24" --listen 6379 "$G/kv.wasm" \
     >/dev/null 2>"$TMP/plain.err" &
 pp=$!; PIDS+=($pp)
@@ -93,19 +97,22 @@ _, status, ru = os.wait4(pid, 0)
 open(sys.argv[1], "w").write(f"{ru.ru_nvcsw}\n")
 sys.exit(os.waitstatus_to_exitcode(status))
 PY
-slice() { # slice NAME ADDR PID: one redis-benchmark run; appends "NAME rps ticks backup_ticks sys_ticks client_sleeps"
-    local t0 b0 k0 rps
-    t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3")
+slice() { # slice NAME ADDR PID CG: one redis-benchmark run; appends
+    # "NAME rps ticks backup_ticks sys_ticks client_sleeps periods throttled"
+    local t0 b0 k0 rps th0 th1
+    t0=$(ticks "$3"); b0=$(ticks $pb); k0=$(sys_ticks "$3"); th0=($(throttles "$4"))
     rm -f "$TMP/client-sleeps" # never a previous slice's figure
     rps=$(inns client "${PIN_C[@]}" python3 "$TMP/rusage.py" "$TMP/client-sleeps" timeout 120 redis-benchmark \
         -h "$2" -p 6379 -t "$TEST" -n "$N" -c "$CONC" --csv 2>/dev/null | awk -F',' 'NR == 2 { gsub(/"/, "", $2); print $2 }')
     [[ -n "$rps" ]] || { echo "redis-benchmark against $1 ($2) gave no result" >&2; exit 1; }
     [[ -s "$TMP/client-sleeps" ]] || { echo "no rusage for the client of $1" >&2; exit 1; }
-    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 )) $(cat "$TMP/client-sleeps")" >>"$TMP/slices"
+    th1=($(throttles "$4"))
+    echo "$1 $rps $(( $(ticks "$3") - t0 )) $(( $(ticks $pb) - b0 )) $(( $(sys_ticks "$3") - k0 )) $(cat "$TMP/client-sleeps")" \
+        "$(( th1[0] - th0[0] )) $(( th1[1] - th0[1] ))" >>"$TMP/slices"
 }
 for ((i = 0; i < PAIRS; i++)); do
     # Alternate the order (ABBA), so a trend within a pair does not favour either side.
-    if ((i % 2 == 0)); then slice run $PLAIN $pp; slice ft $VM $pa; else slice ft $VM $pa; slice run $PLAIN $pp; fi
+    if ((i % 2 == 0)); then slice run $PLAIN $pp "$PLAIN_CG"; slice ft $VM $pa "$FT_CG"; else slice ft $VM $pa "$FT_CG"; slice run $PLAIN $pp "$PLAIN_CG"; fi
     echo -n "." >&2
 done
 echo >&2
@@ -139,6 +146,11 @@ print(f"req/s, median: run {st.median(float(r[1]) for r in run):.0f}, FT {st.med
       f"FT primary {us(ft, 2):.2f} (kernel {us(ft, 4):.2f}), backup {us(ft, 3):.2f}")
 sleeps = lambda rs: sum(int(r[5]) for r in rs) / (n * len(rs))
 print(f"client's voluntary context switches per request: run {sleeps(run):.4f}, FT {sleeps(ft):.4f}")
+periods = lambda rs: sum(int(r[6]) for r in rs)
+if periods(run) and periods(ft):
+    share = lambda rs: 100 * sum(int(r[7]) for r in rs) / periods(rs)
+    print(f"CPU budget periods that ran out (throttled): run {share(run):.0f}% of {periods(run)}, "
+          f"FT primary {share(ft):.0f}% of {periods(ft)}")
 PY
 if [[ -n "${PERF:-}" ]]; then
     echo "run=$pp primary=$pa backup=$pb" >"$PERF/pids"

@@ -315,10 +315,12 @@ fn a_paused_primary_never_speaks_after_the_backup_went_live() {
     backup.expect_exit(0, Duration::from_secs(10));
 }
 
-/// A TCP relay between backup and primary that the test can cut.
+/// A TCP relay between backup and primary that the test can cut, or hold: while `hold` is set
+/// it forwards nothing from the primary to the backup (the connection stays up).
 struct Relay {
     port: u16,
     cut: Arc<AtomicBool>,
+    hold: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -326,7 +328,9 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
+        let hold = Arc::new(AtomicBool::new(false));
         let flag = cut.clone();
+        let held = hold.clone();
         std::thread::spawn(move || {
             let (a, _) = listener.accept().unwrap();
             // The primary may not be listening yet: retry, bounded.
@@ -341,13 +345,22 @@ impl Relay {
                     Err(e) => panic!("relay cannot reach the primary: {e}"),
                 }
             };
-            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+            // `a` is the backup's connection, `b` the one to the primary.
+            let directions = [
+                (a.try_clone().unwrap(), b.try_clone().unwrap(), None),
+                (b, a, Some(held)),
+            ];
+            for (mut from, mut into, hold) in directions {
                 let flag = flag.clone();
                 std::thread::spawn(move || {
                     from.set_read_timeout(Some(Duration::from_millis(50)))
                         .unwrap();
                     let mut buf = [0u8; 65536];
                     while !flag.load(Ordering::SeqCst) {
+                        if hold.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
                         match from.read(&mut buf) {
                             Ok(0) => break,
                             Ok(n) => {
@@ -366,7 +379,7 @@ impl Relay {
                 });
             }
         });
-        Relay { port, cut }
+        Relay { port, cut, hold }
     }
 }
 
@@ -418,6 +431,39 @@ fn a_cut_log_channel_leaves_exactly_one_live() {
         "{}",
         primary.stderr()
     );
+}
+
+#[test]
+fn no_output_leaves_before_the_backup_acknowledged_its_log() {
+    // A line every 10 ms; the relay ends TCP, so only the backup's own acks release outputs.
+    let pair = Pair::new(400, 10);
+    let log = free_port();
+    let relay = Relay::start(log);
+    let mut primary = pair.start("a", "primary", log, &[]);
+    let mut backup = pair.start("b", "backup", relay.port, &[]);
+    wait_until(Duration::from_secs(20), || {
+        iterations(&primary.stdout()).len() >= 20
+    });
+    // The backup receives nothing for 300 ms (well inside the 600 ms failure timeout): the guest
+    // goes on printing, and every line it prints waits. Lines whose log was acknowledged before
+    // the hold may still come out in its first moments.
+    relay.hold.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(100));
+    let at_hold = iterations(&primary.stdout()).len();
+    std::thread::sleep(Duration::from_millis(200));
+    let during = iterations(&primary.stdout()).len();
+    relay.hold.store(false, Ordering::SeqCst);
+    wait_until(Duration::from_secs(10), || {
+        iterations(&primary.stdout()).len() >= during + 20
+    });
+    assert_eq!(
+        during,
+        at_hold,
+        "the primary printed {} lines while its log did not reach the backup",
+        during - at_hold
+    );
+    relay.cut.store(true, Ordering::SeqCst);
+    exactly_one_survives(&mut primary, &mut backup);
 }
 
 #[test]

@@ -113,6 +113,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         )),
         tenure,
         host_acks,
+        open_below: AtomicU64::new(0),
         wake: Condvar::new(),
         channel: Mutex::new(LogWriter {
             stream: Some(stream),
@@ -773,6 +774,14 @@ struct Shared {
     tenure: Arc<super::Tenure>,
     /// What the backup's host acknowledged, shared with the driver.
     host_acks: Arc<HostAcks>,
+    /// Outputs tagged below this may leave straight from the VM thread, under the emitter lock
+    /// alone (`DirectOutputs`): the log below it is acknowledged, the Output Rule holds nothing,
+    /// and a backup is there (alone, outputs pass the tenure check). 0: none may. Set at the end
+    /// of every turn from the driver's state; raised only while the emitter lock is held if the
+    /// turn released outputs, so an output that takes the shortcut never overtakes one the rule
+    /// released before it. Lowered by the VM thread's own turn when an output of it is held,
+    /// before it makes the next one.
+    open_below: AtomicU64,
 }
 
 /// The log channel's write side and the buffer a turn's frames are encoded into (it keeps its
@@ -879,6 +888,14 @@ impl Shared {
         if let Some(emitter) = emitter.as_mut() {
             std::mem::swap(&mut d.to_emit, &mut emitter.pending);
         }
+        // Where outputs may take the shortcut from now on; if this turn released any, the
+        // emitter lock is held here and until they have left.
+        let open = if d.alone || d.rule.held_count() > 0 {
+            0
+        } else {
+            d.rule.acked_seq() + 1
+        };
+        self.open_below.store(open, Ordering::Release);
         drop(d);
         if let Some(channel) = channel.as_mut() {
             let writer = &mut **channel;
@@ -1086,7 +1103,19 @@ struct DirectOutputs {
 
 impl ftvm_vm::OutputPort for DirectOutputs {
     fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
-        self.shared.take_from_vm(ToDriver::Output { seq, output })
+        // The common case under load: the log up to this output is acknowledged already (the
+        // turn's first output waited for its write) and nothing is held before it. It leaves at
+        // once, without the driver lock and the clock reading a turn of the driver costs.
+        let shared = &self.shared;
+        if seq < shared.open_below.load(Ordering::Acquire) {
+            let mut emitter = shared.emitter.lock().expect("emitter lock");
+            // Under the emitter lock: any output released before this one has left.
+            if seq < shared.open_below.load(Ordering::Acquire) {
+                emitter.emit(output);
+                return Ok(());
+            }
+        }
+        shared.take_from_vm(ToDriver::Output { seq, output })
     }
 }
 
