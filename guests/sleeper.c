@@ -1,7 +1,8 @@
 /* sleeper: long-running guest that mostly blocks in the host. For i in 0..N it sleeps MS
  * milliseconds, alternating poll(NULL, 0, ms) and nanosleep (every third iteration uses
- * nanosleep), and prints i with the elapsed CLOCK_MONOTONIC time. Calls sched_yield() once.
- * usage: sleeper [N=5] [MS=100] */
+ * nanosleep), and prints i with the elapsed CLOCK_MONOTONIC time, COPIES times (each written
+ * on its own). Calls sched_yield() once.
+ * usage: sleeper [N=5] [MS=100] [COPIES=1] */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
 #include <poll.h>
@@ -21,6 +22,9 @@ int main(int argc, char **argv)
 {
     long n = argc > 1 ? strtol(argv[1], NULL, 10) : 5;
     long ms = argc > 2 ? strtol(argv[2], NULL, 10) : 100;
+    long copies = argc > 3 ? strtol(argv[3], NULL, 10) : 1;
+    if (copies < 1)
+        copies = 1;
     if (n < 0)
         n = 0;
     if (ms < 0)
@@ -52,8 +56,10 @@ int main(int argc, char **argv)
             }
         }
         long long el = now_ns() - start;
-        printf("i=%ld %s elapsed_ms=%lld.%03lld\n", i, how, el / 1000000, (el / 1000) % 1000);
-        fflush(stdout);
+        for (long c = 0; c < copies; c++) {
+            printf("i=%ld %s elapsed_ms=%lld.%03lld\n", i, how, el / 1000000, (el / 1000) % 1000);
+            fflush(stdout);
+        }
     }
     long long total = now_ns() - start;
     printf("sleeper: done after %lld ms (expected >= %ld)\n", total / 1000000, n * ms);

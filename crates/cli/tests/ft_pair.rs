@@ -27,13 +27,20 @@ impl Pair {
     }
 
     fn with_tiebreak(lines: u32, ms: u32, tiebreak: Option<String>) -> Pair {
+        Pair::with_args(&[lines, ms], tiebreak)
+    }
+
+    /// The sleeper's arguments: lines, ms between them[, copies of each line].
+    fn with_args(args: &[u32], tiebreak: Option<String>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let vm = dir.path().join("sleeper.toml");
+        let args: Vec<String> = args.iter().map(|a| format!("\"{a}\"")).collect();
         std::fs::write(
             &vm,
             format!(
-                "name = \"sleeper\"\nmodule = \"{}\"\nargs = [\"{lines}\", \"{ms}\"]\n[ft]\nfailure_timeout_ms = 600\n",
-                guest("sleeper").display()
+                "name = \"sleeper\"\nmodule = \"{}\"\nargs = [{}]\n[ft]\nfailure_timeout_ms = 600\n",
+                guest("sleeper").display(),
+                args.join(", ")
             ),
         )
         .unwrap();
@@ -311,6 +318,37 @@ fn a_paused_primary_never_speaks_after_the_backup_went_live() {
         "the stale primary emitted output after the backup went live"
     );
     assert!(primary.stderr().contains("HALT"));
+    backup.signal(libc::SIGTERM);
+    backup.expect_exit(0, Duration::from_secs(10));
+}
+
+#[test]
+fn a_primary_paused_at_the_output_shortcut_never_speaks_after_the_backup_went_live() {
+    // Each line twice: the second copy follows the first with no log record between, so it would
+    // leave straight from the VM thread (the shortcut). The primary stops itself right there.
+    let pair = Pair::with_args(&[1000, 20, 2], None);
+    let log = free_port();
+    let mut primary = pair.start("a", "primary", log, &["--stop-before-shortcut", "20"]);
+    let mut backup = pair.start("b", "backup", log, &[]);
+    wait_until(Duration::from_secs(20), || {
+        primary
+            .stderr()
+            .contains("which the shortcut would let through")
+    });
+    wait_until(Duration::from_secs(10), || backup.stderr().contains("LIVE"));
+    let before = primary.stdout();
+    primary.signal(libc::SIGCONT);
+    assert_eq!(
+        primary.wait(Duration::from_secs(10)),
+        127,
+        "the stale primary halts: {}",
+        primary.stderr()
+    );
+    assert_eq!(
+        primary.stdout(),
+        before,
+        "the stale primary let an output through after the backup went live"
+    );
     backup.signal(libc::SIGTERM);
     backup.expect_exit(0, Duration::from_secs(10));
 }

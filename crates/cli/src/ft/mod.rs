@@ -79,6 +79,9 @@ pub struct Node {
     /// Test hook (primary): the VM fails for a reason of this host's own at log record N, as
     /// when the host's random source fails.
     pub fail_at_record: Option<u64>,
+    /// Test hook (primary): stop this process (SIGSTOP) just before the first output from the Nth
+    /// on that would leave by the shortcut (`ft::primary`), as a pause could.
+    pub stop_before_shortcut: Option<u64>,
 }
 
 pub fn main(args: &[String]) -> Result<i32, Failure> {
@@ -98,6 +101,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
             "corrupt-log-frame",
             "corrupt-log-record",
             "fail-at-record",
+            "stop-before-shortcut",
             "record",
             "slow-replay-us",
             "epoch-check-ms",
@@ -162,6 +166,7 @@ pub fn main(args: &[String]) -> Result<i32, Failure> {
         corrupt_frame: p.number::<u64>("corrupt-log-frame")?,
         corrupt_record: p.number::<u64>("corrupt-log-record")?,
         fail_at_record: p.number::<u64>("fail-at-record")?,
+        stop_before_shortcut: p.number::<u64>("stop-before-shortcut")?,
         record: p.one("record").map(PathBuf::from),
         slow_replay_us: p.number::<u64>("slow-replay-us")?.unwrap_or(0),
         epoch_check_ms: p

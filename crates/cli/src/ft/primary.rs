@@ -114,6 +114,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         tenure,
         host_acks,
         open_below: AtomicU64::new(0),
+        last_turn_ms: AtomicU64::new(0),
         wake: Condvar::new(),
         channel: Mutex::new(LogWriter {
             stream: Some(stream),
@@ -165,6 +166,9 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         World::new(frames_rx, Some(control_rx)),
         Box::new(DirectOutputs {
             shared: shared.clone(),
+            pause_ms: node.ft.failure_timeout_ms / 2,
+            outputs: 0,
+            stop_before_shortcut: node.stop_before_shortcut,
         }),
         node.image.spec.limits.checkpoint_events,
     );
@@ -782,6 +786,10 @@ struct Shared {
     /// released before it. Lowered by the VM thread's own turn when an output of it is held,
     /// before it makes the next one.
     open_below: AtomicU64,
+    /// The driver's clock (`now_ms`) at the start of its last turn: the shortcut is only for a
+    /// primary whose driver ran lately. One that was paused (SIGSTOP, a stall) may have been
+    /// replaced meanwhile, and its outputs go through the driver, which asks the tiebreaker.
+    last_turn_ms: AtomicU64,
 }
 
 /// The log channel's write side and the buffer a turn's frames are encoded into (it keeps its
@@ -890,11 +898,12 @@ impl Shared {
         }
         // Where outputs may take the shortcut from now on; if this turn released any, the
         // emitter lock is held here and until they have left.
-        let open = if d.alone || d.rule.held_count() > 0 {
+        let open = if d.alone || d.failed.is_some() || d.rule.held_count() > 0 {
             0
         } else {
             d.rule.acked_seq() + 1
         };
+        self.last_turn_ms.store(d.last_loop_ms, Ordering::Release);
         self.open_below.store(open, Ordering::Release);
         drop(d);
         if let Some(channel) = channel.as_mut() {
@@ -1099,6 +1108,35 @@ impl ftvm_vm::LogSink for DirectSink {
 /// The VM's outputs on a primary: held under the Output Rule.
 struct DirectOutputs {
     shared: Arc<Shared>,
+    /// A driver turn longer ago than this (half the failure timeout, as in `Driver::turn_start`)
+    /// sends outputs the long way, through the driver's check that this primary is current.
+    pause_ms: u64,
+    /// Outputs handed over so far (for the test hook).
+    outputs: u64,
+    /// Test hook: stop before the first output from this one on that the shortcut would pass.
+    stop_before_shortcut: Option<u64>,
+}
+
+impl DirectOutputs {
+    /// Whether an output tagged `seq` may leave by the shortcut as things stand.
+    fn shortcut_open(&self, seq: u64) -> bool {
+        let shared = &self.shared;
+        seq < shared.open_below.load(Ordering::Acquire)
+            && coarse_now_ms().saturating_sub(shared.last_turn_ms.load(Ordering::Acquire))
+                <= self.pause_ms
+    }
+}
+
+/// The monotonic clock at its coarse resolution (a tick; read without a system call): enough
+/// to tell a primary that stood still for half a failure timeout from one that runs.
+fn coarse_now_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 impl ftvm_vm::OutputPort for DirectOutputs {
@@ -1106,16 +1144,28 @@ impl ftvm_vm::OutputPort for DirectOutputs {
         // The common case under load: the log up to this output is acknowledged already (the
         // turn's first output waited for its write) and nothing is held before it. It leaves at
         // once, without the driver lock and the clock reading a turn of the driver costs.
-        let shared = &self.shared;
-        if seq < shared.open_below.load(Ordering::Acquire) {
-            let mut emitter = shared.emitter.lock().expect("emitter lock");
+        self.outputs += 1;
+        if self
+            .stop_before_shortcut
+            .is_some_and(|n| self.outputs >= n && self.shortcut_open(seq))
+        {
+            self.stop_before_shortcut = None;
+            eprintln!(
+                "ftvm: test hook: stopping before output {}, which the shortcut would let through",
+                self.outputs
+            );
+            // SAFETY: raise has no preconditions; the process stops here until SIGCONT.
+            unsafe { libc::raise(libc::SIGSTOP) };
+        }
+        if self.shortcut_open(seq) {
+            let mut emitter = self.shared.emitter.lock().expect("emitter lock");
             // Under the emitter lock: any output released before this one has left.
-            if seq < shared.open_below.load(Ordering::Acquire) {
+            if seq < self.shared.open_below.load(Ordering::Acquire) {
                 emitter.emit(output);
                 return Ok(());
             }
         }
-        shared.take_from_vm(ToDriver::Output { seq, output })
+        self.shared.take_from_vm(ToDriver::Output { seq, output })
     }
 }
 
