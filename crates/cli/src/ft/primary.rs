@@ -98,6 +98,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
     let frames_rx = attachment.as_ref().map(|a| a.frame_source());
     let transmit = attachment.as_ref().map(|a| a.transmitter());
     let host_acks = Arc::new(HostAcks::default());
+    let open_below = Arc::new(AtomicU64::new(0));
     let ends = (
         super::addr_text(stream.peer_addr()),
         super::addr_text(stream.local_addr()),
@@ -110,10 +111,11 @@ pub fn run(node: Node) -> Result<i32, Failure> {
             pacing.clone(),
             host_acks.clone(),
             ends,
+            open_below.clone(),
         )),
         tenure,
         host_acks,
-        open_below: AtomicU64::new(0),
+        open_below,
         last_turn_ms: AtomicU64::new(0),
         wake: Condvar::new(),
         channel: Mutex::new(LogWriter {
@@ -393,6 +395,8 @@ struct Driver {
     ends: (String, String),
     /// Smoothed time from writing records to their ack (µs): the Output Rule's added latency.
     ack_rtt_us: u64,
+    /// `Shared::open_below`, for closing the output shortcut before an epoch claim.
+    open_below: Arc<AtomicU64>,
 }
 
 /// Acknowledgments by the backup's host (TCP) of the log channel: an output may leave once its
@@ -436,6 +440,7 @@ impl Driver {
         pacing: Arc<Pacing>,
         host_acks: Arc<HostAcks>,
         ends: (String, String),
+        open_below: Arc<AtomicU64>,
     ) -> Driver {
         let now = now_ms();
         let epoch = tenure.epoch();
@@ -470,6 +475,7 @@ impl Driver {
             rtt_pending: std::collections::VecDeque::new(),
             host_acks,
             ends,
+            open_below,
             ack_rtt_us: 0,
         }
     }
@@ -682,6 +688,8 @@ impl Driver {
     /// The paper: the primary also wins the tiebreaker before it goes on alone.
     fn backup_failed(&mut self) -> Result<(), Failure> {
         self.channel_closed = true;
+        // Nothing by the shortcut while the claim runs: if the backup won it, it is live.
+        self.open_below.store(0, Ordering::Release);
         let next = self.epoch + 1;
         let claim_started = now_ms();
         match crate::tiebreak_spec::claim(&*self.tiebreak, &self.vm_id, next, &self.owner) {
@@ -784,8 +792,9 @@ struct Shared {
     /// of every turn from the driver's state; raised only while the emitter lock is held if the
     /// turn released outputs, so an output that takes the shortcut never overtakes one the rule
     /// released before it. Lowered by the VM thread's own turn when an output of it is held,
-    /// before it makes the next one.
-    open_below: AtomicU64,
+    /// before it makes the next one. Closed by the driver before it claims the next epoch when
+    /// the backup is lost: the claim may lose to a backup that went live.
+    open_below: Arc<AtomicU64>,
     /// The driver's clock (`now_ms`) at the start of its last turn: the shortcut is only for a
     /// primary whose driver ran lately. One that was paused (SIGSTOP, a stall) may have been
     /// replaced meanwhile, and its outputs go through the driver, which asks the tiebreaker.
