@@ -168,7 +168,7 @@ pub fn run(node: Node) -> Result<i32, Failure> {
         World::new(frames_rx, Some(control_rx)),
         Box::new(DirectOutputs {
             shared: shared.clone(),
-            pause_ms: node.ft.failure_timeout_ms / 2,
+            pause_ms: stood_still_ms(node.ft.failure_timeout_ms),
             outputs: 0,
             stop_before_shortcut: node.stop_before_shortcut,
         }),
@@ -429,6 +429,12 @@ impl HostAcks {
     }
 }
 
+/// A primary whose driver saw no turn for longer than this stood still (paused, stalled) and may
+/// have been replaced meanwhile: half the failure timeout, after which a backup may go live.
+fn stood_still_ms(failure_timeout_ms: u64) -> u64 {
+    failure_timeout_ms / 2
+}
+
 /// Writes in flight timed for the ack round trip.
 const RTT_SAMPLES_MAX: usize = 64;
 
@@ -487,7 +493,7 @@ impl Driver {
         if let Some(f) = self.failed.take() {
             return Err(f);
         }
-        if now.saturating_sub(self.last_loop_ms) > self.failure_timeout_ms / 2 {
+        if now.saturating_sub(self.last_loop_ms) > stood_still_ms(self.failure_timeout_ms) {
             self.check_still_current()?;
         }
         self.last_loop_ms = now;
@@ -1117,8 +1123,8 @@ impl ftvm_vm::LogSink for DirectSink {
 /// The VM's outputs on a primary: held under the Output Rule.
 struct DirectOutputs {
     shared: Arc<Shared>,
-    /// A driver turn longer ago than this (half the failure timeout, as in `Driver::turn_start`)
-    /// sends outputs the long way, through the driver's check that this primary is current.
+    /// A driver turn longer ago than this ([`stood_still_ms`]) sends outputs the long way,
+    /// through `Driver::turn_start`'s check that this primary is current.
     pause_ms: u64,
     /// Outputs handed over so far (for the test hook).
     outputs: u64,
@@ -1152,7 +1158,8 @@ impl ftvm_vm::OutputPort for DirectOutputs {
     fn emit(&mut self, output: Output, seq: u64) -> Result<(), VmError> {
         // The common case under load: the log up to this output is acknowledged already (the
         // turn's first output waited for its write) and nothing is held before it. It leaves at
-        // once, without the driver lock and the clock reading a turn of the driver costs.
+        // once, without the driver lock (and with a coarse clock reading instead of the full one a
+        // turn of the driver takes).
         self.outputs += 1;
         if self
             .stop_before_shortcut
