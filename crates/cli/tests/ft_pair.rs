@@ -1224,3 +1224,45 @@ fn vm_thread_nice(pid: i32) -> Option<i64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split(' ').nth(16)?.parse().ok()
 }
+
+/// The voluntary context switches so far of the thread named `name` in process `pid`.
+fn thread_sleeps(pid: i32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .unwrap();
+        return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+#[test]
+fn the_primarys_driver_sleeps_between_deadlines_instead_of_ticking() {
+    // A guest that prints a line every 100 ms and sleeps in between (the lines are outputs, the
+    // clock reads records): 6 s of it. The driver used to wake every 5 ms (200 times a second);
+    // now it sleeps until the link's next deadline (heartbeats every 50 ms), at most 25 ms.
+    let pair = Pair::new(60, 100);
+    let log = free_port();
+    let (mut primary, mut backup) = pair.running(log, 5);
+    let pid = primary.pid();
+    let before = thread_sleeps(pid, "ftvm-driver");
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let wakes = thread_sleeps(pid, "ftvm-driver") - before;
+    let per_s = wakes as f64 / started.elapsed().as_secs_f64();
+    eprintln!("the primary's driver woke {per_s:.0} times a second");
+    assert!(per_s < 100.0, "the driver woke {per_s:.0} times a second");
+    // And the pair works as before: every line, in order, and a clean end on both sides.
+    primary.expect_exit(0, Duration::from_secs(30));
+    backup.expect_exit(0, Duration::from_secs(30));
+    let seen = iterations(&primary.stdout());
+    assert_eq!(seen.len(), 60, "{seen:?}");
+    assert_in_order_no_duplicates(&seen);
+}

@@ -18,8 +18,15 @@ use super::status::{Status, StatusWriter};
 use super::{config_hash, disk_hash_bytes, link, now_ms, Node};
 use crate::opts::Failure;
 
-/// Driver loop period: heartbeats, timeouts and status are checked at least this often.
+/// The driver thread's period while something waits on it: outputs held for an ack (it polls
+/// the backup's host acknowledgment), the VM's end, a primary alone, a VM stalled on a full buffer.
 const TICK_MS: u64 = 5;
+/// Otherwise it sleeps until the link's next deadline (a batch, a heartbeat, the failure timeout),
+/// but at most this long. Under load the VM thread's own turns send the log and the outputs, and a
+/// 5 ms tick would only wake the driver (and preempt the VM) 200 times a second for nothing. A
+/// record made while it sleeps waits at most this long (not the batch delay) if the guest neither
+/// outputs nor blocks meanwhile; an output held meanwhile wakes it (`Driver::dozing`).
+const DRIVER_SLEEP_MAX_MS: u64 = 25;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
     let header = node.image.header()?;
@@ -397,6 +404,11 @@ struct Driver {
     ack_rtt_us: u64,
     /// `Shared::open_below`, for closing the output shortcut before an epoch claim.
     open_below: Arc<AtomicU64>,
+    /// The driver thread sleeps longer than [`TICK_MS`]: an output held now must wake it, so
+    /// that it polls the backup's host acknowledgment at the usual period.
+    dozing: bool,
+    /// Set by a turn that held an output while the driver dozed: notify it at the turn's end.
+    wake_driver: bool,
 }
 
 /// Acknowledgments by the backup's host (TCP) of the log channel: an output may leave once its
@@ -483,6 +495,8 @@ impl Driver {
             ends,
             open_below,
             ack_rtt_us: 0,
+            dozing: false,
+            wake_driver: false,
         }
     }
 
@@ -502,6 +516,20 @@ impl Driver {
             self.release(host);
         }
         Ok(())
+    }
+
+    /// How long the driver thread may sleep from `now` before its next look (ms).
+    fn sleep_ms(&self, now: u64) -> u64 {
+        let waited_on = self.alone
+            || self.vm_done
+            || self.vm_waiting
+            || self.rule.held_count() > 0
+            || self.failed.is_some()
+            || self.peer_closed.is_some();
+        match self.link.next_deadline_ms() {
+            Some(due) if !waited_on => due.saturating_sub(now).clamp(1, DRIVER_SLEEP_MAX_MS),
+            _ => TICK_MS,
+        }
     }
 
     fn accept_vm(&self) -> bool {
@@ -531,7 +559,7 @@ impl Driver {
                 } else {
                     match self.rule.push(seq, Held(output)) {
                         Ok(Some(Held(out))) => self.emit(out),
-                        Ok(None) => {}
+                        Ok(None) => self.wake_driver |= self.dozing,
                         Err(e) => halt(format!("{e}")),
                     }
                 }
@@ -781,7 +809,8 @@ impl Driver {
 /// thread (acks) and the driver thread (timers).
 struct Shared {
     driver: Mutex<Driver>,
-    /// Signalled when acks arrive: a stalled VM may go on, the driver may finish.
+    /// Signalled when acks arrive: a stalled VM may go on, the driver may finish; and when an
+    /// output is held while the driver dozes.
     wake: Condvar,
     /// The log channel's write side. Taken before the driver lock is let go, so bytes leave in
     /// the order the driver decided them; the write itself happens outside the driver lock.
@@ -977,7 +1006,11 @@ impl Shared {
         }
         let now = now_ms();
         let result = d.turn_start(now).and_then(|_| d.on_vm(item, now));
+        let wake_driver = std::mem::take(&mut d.wake_driver);
         self.end_turn(d);
+        if wake_driver {
+            self.wake.notify_all();
+        }
         result.map_err(|f| VmError::Halted(f.message))
     }
 
@@ -1041,14 +1074,18 @@ impl Shared {
             if let Ok(mut channel) = self.channel.try_lock() {
                 self.host_acks.take_from(&mut channel);
             }
-            let d = self.lock();
+            let mut d = self.lock();
+            let sleep_ms = d.sleep_ms(now_ms());
+            d.dozing = sleep_ms > TICK_MS;
             let (mut d, _) = self
                 .wake
-                .wait_timeout(d, Duration::from_millis(TICK_MS))
+                .wait_timeout(d, Duration::from_millis(sleep_ms))
                 .expect("driver lock");
+            d.dozing = false;
             let now = now_ms();
             d.turn_start(now)?;
-            if !d.alone && now.saturating_sub(d.last_tick_ms) >= TICK_MS {
+            let due = d.link.next_deadline_ms().is_some_and(|due| now >= due);
+            if !d.alone && (due || now.saturating_sub(d.last_tick_ms) >= TICK_MS) {
                 d.last_tick_ms = now;
                 let actions = d.link.tick(now);
                 d.apply(actions, now)?;
