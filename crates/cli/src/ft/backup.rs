@@ -23,7 +23,13 @@ use crate::opts::Failure;
 /// Most decoded entries queued for the replaying VM; past it the driver stops reading the
 /// channel, the primary's unacked buffer fills, and the primary stalls (flow control).
 pub const REPLAY_QUEUE_ENTRIES_MAX: usize = 64 * 1024;
+/// The driver thread's period once the log has ended (it hands the rest of the log to the
+/// replaying VM as the queue drains, and sees go-live).
 const TICK_MS: u64 = 5;
+/// Before that it sleeps until the link's next deadline (a progress ack every
+/// `ack_interval_ms` while replay moves, a heartbeat, the failure timeout), at most this long:
+/// the reader handles arrivals, and a fixed 5 ms tick only woke this thread 200 times a second.
+const DRIVER_SLEEP_MAX_MS: u64 = 25;
 /// The nice value of the backup's replay thread until it goes live (`[ft] replay_nice`).
 ///
 /// Why lower: the replay only has to keep up on average (flow control watches its lag), while the
@@ -304,7 +310,7 @@ impl Driver {
     /// had no room for, status.
     fn run(shared: &Mutex<Driver>) {
         loop {
-            {
+            let sleep_ms = {
                 let mut d = shared.lock().expect("driver lock");
                 if d.live.load(Ordering::SeqCst) {
                     return;
@@ -316,8 +322,9 @@ impl Driver {
                 d.progress(now);
                 d.send_outbox();
                 d.publish(now);
-            }
-            std::thread::sleep(Duration::from_millis(TICK_MS));
+                d.sleep_ms(now)
+            };
+            std::thread::sleep(Duration::from_millis(sleep_ms));
         }
     }
 
@@ -356,6 +363,14 @@ impl Driver {
             if let Ok(actions) = self.link.replayed(replayed, now) {
                 self.apply(actions);
             }
+        }
+    }
+
+    /// How long the driver thread may sleep from `now` (ms).
+    fn sleep_ms(&self, now: u64) -> u64 {
+        match self.link.next_deadline_ms() {
+            Some(due) if !self.log_ended => due.saturating_sub(now).clamp(1, DRIVER_SLEEP_MAX_MS),
+            _ => TICK_MS,
         }
     }
 
