@@ -97,7 +97,7 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 50;
 pub const DEFAULT_FAILURE_TIMEOUT_MS: u64 = 1_000;
 /// Records wait at most this long for more records to share a frame, if the link is ticked at
 /// its deadline (`ftvm ft`'s primary may tick up to 25 ms late for records made while its driver
-/// sleeps, when no output or blocking wait flushes them first). Outputs flush at once.
+/// sleeps, when no output flushes them first). Outputs flush at once.
 pub const DEFAULT_BATCH_DELAY_MS: u64 = 2;
 /// A batch is sent as soon as it holds this many bytes.
 pub const DEFAULT_BATCH_BYTES: usize = 256 << 10;

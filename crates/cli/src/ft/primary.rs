@@ -24,8 +24,8 @@ const TICK_MS: u64 = 5;
 /// Otherwise it sleeps until the link's next deadline (a batch, a heartbeat, the failure timeout),
 /// but at most this long. Under load the VM thread's own turns send the log and the outputs, and a
 /// 5 ms tick would only wake the driver (and preempt the VM) 200 times a second for nothing. A
-/// record made while it sleeps waits at most this long (not the batch delay) if the guest neither
-/// outputs nor blocks meanwhile; an output held meanwhile wakes it (`Driver::dozing`).
+/// record made while it sleeps waits at most this long (not the batch delay) if the guest makes
+/// no output meanwhile; an output held meanwhile wakes it (`Driver::dozing`).
 const DRIVER_SLEEP_MAX_MS: u64 = 25;
 
 pub fn run(node: Node) -> Result<i32, Failure> {
@@ -1151,6 +1151,14 @@ impl ftvm_vm::LogSink for DirectSink {
         }
         self.unflushed = false;
         self.shared.take_from_vm(ToDriver::Flush)
+    }
+    /// The guest blocks: its records since the last output (the wake-up that carried the
+    /// client's ACK, clock readings) wait in the link for the next output's flush or the batch
+    /// delay. No output depends on them, so the Output Rule does not need them on the backup yet,
+    /// and a write of their own at every blocking wait doubled the log writes of a
+    /// request-reply client and put the second one in the way of its next request.
+    fn idle(&mut self) -> Result<(), VmError> {
+        Ok(())
     }
     fn pace(&mut self) -> Duration {
         ftvm_vm::channel::pace_pause(&self.pacing, &mut self.last_pace)
