@@ -102,6 +102,20 @@ fn lab_with_taps(name: &str, subnet: u8) -> Lab {
     lab
 }
 
+/// The value of counter `key` on the lab's VM (0 if it has none).
+fn counter(lab: &Lab, key: &str) -> u64 {
+    let addr = format!("{}:6379", lab.vm_ip());
+    let key = key.to_string();
+    let reply = in_netns(&lab.ns("client"), move || command(&addr, &["GET", &key]))
+        .join()
+        .unwrap();
+    reply
+        .lines()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs an INCR client, kills `victim` after `kill_after` acked writes, and checks the promise.
 fn incr_through_a_kill(
     lab: &Lab,
@@ -149,14 +163,7 @@ fn incr_through_a_kill(
     );
     assert_eq!(report.acked, total, "every request was answered");
     // Every acknowledged INCR is there afterwards.
-    let after = in_netns(&lab.ns("client"), move || command(&addr, &["GET", &key]))
-        .join()
-        .unwrap();
-    let value: u64 = after
-        .lines()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let value = counter(lab, &key);
     assert!(
         value >= report.acked,
         "acknowledged writes were lost: counter {value}, acked {}",
@@ -359,16 +366,7 @@ fn a_request_reply_client_costs_one_log_write_a_request() {
     // Nothing was lost on the way: the backup goes live with the whole count.
     pair.primary.signal(libc::SIGKILL);
     pair.primary.wait(Duration::from_secs(10));
-    let addr = format!("{}:6379", lab.vm_ip());
-    let after = in_netns(&lab.ns("client"), move || command(&addr, &["GET", "k"]))
-        .join()
-        .unwrap();
-    let value: u64 = after
-        .lines()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert_eq!(value, REQUESTS, "after the failover: {after:?}");
+    assert_eq!(counter(&lab, "k"), REQUESTS, "after the failover");
     assert!(
         pair.backup.stderr().contains("LIVE"),
         "{}",
