@@ -30,19 +30,14 @@ source "$REPO/scripts/kv-lab.sh"
 PLAIN=198.18.$S.51
 trap kv_lab_cleanup EXIT
 OUT="$REPO/target/neighbour"
-export ZIG_GLOBAL_CACHE_DIR="${ZIG_GLOBAL_CACHE_DIR:-$REPO/guests/build/.zig-cache}"
-export ZIG_LOCAL_CACHE_DIR="$ZIG_GLOBAL_CACHE_DIR"
-if [[ ! -x "$OUT" || "$REPO/scripts/neighbour.c" -nt "$OUT" ]]; then
-    "$REPO/.venv/bin/python" -m ziglang cc -target x86_64-linux-musl -O2 -Wall -Wextra \
-        "$REPO/scripts/neighbour.c" -o "$OUT"
-fi
+source "$REPO/scripts/native-cc.sh"
+native_cc "$REPO/scripts/neighbour.c" "$OUT"
 cpu_cap_setup "$LAB-server" 0.5
 SERVER_CG="$CPU_CAP_CG"
 cpu_cap_setup "$LAB-neighbour" "${NEIGHBOUR_CPU:-0.3}"
 NEIGHBOUR_CG="$CPU_CAP_CG"
 kv_lab_up cache-neighbour
-ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
-ip -n "$LAB-host-a" link set tap1 master br0 up
+kv_lab_plain_tap
 ip netns exec "$LAB-host-a" taskset -c 0 "$F" run --nic "tap=tap1,mac=$PLAIN_MAC,ip=$PLAIN/24" \
     --listen 6379 "$G/kv.wasm" >/dev/null 2>"$TMP/plain.err" &
 pp=$!; PIDS+=($pp)

@@ -3,6 +3,7 @@
 # guests), LAB, S (the lab's subnet), MAC, TMP and PIDS, and sourced scripts/cpu-cap.sh. It sources
 # scripts/halt-poll.sh (halt_poll_setup applies HALT_POLL_NS, if set):
 #   kv_lab_up NAME    the lab, a TAP on host-a and host-b, and $TMP/kv.toml (VM name NAME)
+#   kv_lab_plain_tap  a second TAP on host-a (tap1), for a plain `ftvm run` server beside the pair
 #   kv_lab_cleanup    kill PIDS and whatever else runs in the lab's namespaces, drop the CPU
 #                     cap, restore halt polling, remove the lab and TMP
 #                     (call from the EXIT trap)
@@ -26,6 +27,10 @@ listen = [6379]
 mac = "$MAC"
 ip = "$VM/24"
 TOML
+}
+kv_lab_plain_tap() {
+    ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
+    ip -n "$LAB-host-a" link set tap1 master br0 up
 }
 kv_lab_cleanup() {
     local ns

@@ -53,8 +53,7 @@ cpu_cap_setup "rk-$LAB-ft" "$CAP_CPU"
 FT_CG="$CPU_CAP_CG"
 halt_poll_setup
 kv_lab_up ratio-kv
-ip -n "$LAB-host-a" tuntap add dev tap1 mode tap
-ip -n "$LAB-host-a" link set tap1 master br0 up
+kv_lab_plain_tap
 inns() { local h="$1"; shift; ip netns exec "$LAB-$h" "$@"; }
 sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
 # "periods throttled" of a CPU budget so far (0 0 without one): a server that is not throttled

@@ -9,11 +9,6 @@ source "$REPO/scripts/halt-poll.sh"
 trap halt_poll_cleanup EXIT
 halt_poll_setup
 OUT="$REPO/target/wake-cost"
-export ZIG_GLOBAL_CACHE_DIR="${ZIG_GLOBAL_CACHE_DIR:-$REPO/guests/build/.zig-cache}"
-export ZIG_LOCAL_CACHE_DIR="$ZIG_GLOBAL_CACHE_DIR"
-mkdir -p "$REPO/target"
-if [[ ! -x "$OUT" || "$REPO/scripts/wake-cost.c" -nt "$OUT" ]]; then
-    "$REPO/.venv/bin/python" -m ziglang cc -target x86_64-linux-musl -O2 -Wall -Wextra \
-        "$REPO/scripts/wake-cost.c" -o "$OUT"
-fi
+source "$REPO/scripts/native-cc.sh"
+native_cc "$REPO/scripts/wake-cost.c" "$OUT"
 for _ in 1 2 3; do "$OUT" "${1:-20000}"; done
