@@ -342,7 +342,7 @@ fn inspect(args: &[String]) -> Result<i32, Failure> {
     let mut reader = LogReader::open(std::io::BufReader::new(file)).map_err(bad)?;
     let h = reader.header().clone();
     println!("log {log}");
-    println!("  format version {}", ftvm_log::FORMAT_VERSION);
+    println!("  format version {}", reader.version());
     println!("  engine         {}", h.engine);
     println!("  module         {}", h.module_hash);
     println!("  disk           {}", h.disk_hash);

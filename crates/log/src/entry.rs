@@ -21,7 +21,7 @@ pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 /// Largest `random_get` chunk in one entry; bigger requests are split over several entries.
 pub const RANDOM_CHUNK_BYTES_MAX: usize = 64 << 10;
 /// Most frames delivered by one `Input` entry.
-pub const INPUT_FRAMES_MAX: usize = 64;
+pub const INPUT_FRAMES_MAX: usize = 256;
 /// Largest frame carried by an `Input` entry (Ethernet MTU 1500 + header, with headroom).
 pub const FRAME_BYTES_MAX: usize = 2048;
 /// Framing overhead: length and checksum.

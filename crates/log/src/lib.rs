@@ -15,7 +15,9 @@
 //! ```
 //!
 //! Versioning: `FORMAT_VERSION` is bumped for any change a reader of the previous version would
-//! misread. Readers refuse other versions with a clear error; there is no silent upgrade.
+//! misread or refuse. A reader takes the versions from `OLDEST_READABLE_VERSION` to its own, where
+//! every older log means what it meant when it was written, and refuses others with a clear error;
+//! there is no silent upgrade.
 
 pub mod entry;
 pub mod spec;
@@ -32,7 +34,11 @@ pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 /// which a version-1 log lacks even where its guest met a disk error.
 /// 3: a path's check for host symlinks is a disk operation of its own, so the operation numbers
 /// of a version-2 log's `HostError` and `HostShort` entries do not line up.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: an `Input` entry carries up to 256 frames (`entry::INPUT_FRAMES_MAX`; 64 before), which a
+/// version-3 reader refuses mid-log. A version-3 log reads the same under version 4.
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest version this build reads: versions 3 and 4 differ only in that limit.
+pub const OLDEST_READABLE_VERSION: u32 = 3;
 /// Largest JSON header we accept.
 pub const HEADER_BYTES_MAX: usize = 1 << 20;
 
@@ -56,8 +62,12 @@ pub enum LogError {
     Truncated { offset: u64, what: String },
     #[error("this is not an ftvm log (bad magic); check the file name")]
     BadMagic,
-    #[error("the log has format version {found}, this ftvm reads version {expected}")]
-    BadVersion { found: u32, expected: u32 },
+    #[error("the log has format version {found}, this ftvm reads versions {oldest} to {newest}")]
+    BadVersion {
+        found: u32,
+        oldest: u32,
+        newest: u32,
+    },
     #[error("log entry {found} follows entry {previous} at byte {offset}: entries are missing or out of order")]
     BadSequence {
         offset: u64,
@@ -89,6 +99,7 @@ pub struct LogReader<R: Read> {
     offset: u64,
     last_seq: u64,
     header: LogHeader,
+    version: u32,
 }
 
 impl<R: Read> LogReader<R> {
@@ -101,10 +112,11 @@ impl<R: Read> LogReader<R> {
         let mut word = [0u8; 4];
         read_exact_or_truncated(&mut input, &mut word, 8, "in the format version")?;
         let version = u32::from_le_bytes(word);
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(LogError::BadVersion {
                 found: version,
-                expected: FORMAT_VERSION,
+                oldest: OLDEST_READABLE_VERSION,
+                newest: FORMAT_VERSION,
             });
         }
         read_exact_or_truncated(&mut input, &mut word, 12, "in the header length")?;
@@ -134,11 +146,17 @@ impl<R: Read> LogReader<R> {
             offset: header_end + 4,
             last_seq: 0,
             header,
+            version,
         })
     }
 
     pub fn header(&self) -> &LogHeader {
         &self.header
+    }
+
+    /// The format version the log was written in.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// Byte offset of the next entry.
@@ -449,6 +467,50 @@ mod tests {
             LogReader::open(&bad[..]),
             Err(LogError::BadVersion { found: 9, .. })
         ));
+        let mut bad = bytes.clone();
+        bad[8] = 2;
+        assert!(matches!(
+            LogReader::open(&bad[..]),
+            Err(LogError::BadVersion { found: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_version_3_log_reads_as_it_was_written() {
+        let entries = sample_entries();
+        let mut bytes = encode_log(&entries);
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let mut reader = LogReader::open(&bytes[..]).unwrap();
+        assert_eq!(reader.version(), 3);
+        for want in &entries {
+            assert_eq!(&reader.next_entry().unwrap().unwrap().1, want);
+        }
+        assert!(reader.next_entry().unwrap().is_none());
+    }
+
+    #[test]
+    fn an_input_entry_holds_up_to_its_frame_limit_and_no_more() {
+        // The largest Input entry a wake-up can make fits one entry, and reads back whole.
+        let full = Entry::Input {
+            now_ns: 1,
+            frames: vec![vec![0x5a; entry::FRAME_BYTES_MAX]; entry::INPUT_FRAMES_MAX],
+        };
+        let mut buf = Vec::new();
+        full.encode_framed(1, &mut buf);
+        assert!(buf.len() - ENTRY_FRAMING_BYTES <= ENTRY_BYTES_MAX);
+        assert_eq!(decode_framed(&buf, 0).unwrap(), (1, full));
+        // One frame more is a corrupt entry, whatever its checksum says.
+        let over = Entry::Input {
+            now_ns: 1,
+            frames: vec![vec![1; 60]; entry::INPUT_FRAMES_MAX + 1],
+        };
+        let mut buf = Vec::new();
+        over.encode_framed(1, &mut buf);
+        let err = decode_framed(&buf, 0).unwrap_err();
+        assert!(
+            matches!(&err, LogError::Corrupt { what, .. } if what.contains("frames (max")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1037,6 +1037,44 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_up_takes_the_waiting_frames_up_to_the_entry_limit_and_loses_none() {
+        // Under load (a couple of hundred clients) more frames wait than one entry may carry:
+        // each wake-up takes as many as it may, in arrival order, and the next one the rest.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let count = INPUT_FRAMES_MAX + 10;
+        for i in 0..count {
+            tx.send((i as u32).to_le_bytes().to_vec()).unwrap();
+        }
+        let sink = Shared::default();
+        let mut rec = Gate::record(
+            Box::new(sink.clone()),
+            World::new(Some(ChannelFrames::boxed(rx)), None),
+            Box::new(Collect::default()),
+            0,
+        );
+        let first = rec.wait(Some(0)).unwrap().frames;
+        let second = rec.wait(Some(0)).unwrap().frames;
+        assert_eq!((first.len(), second.len()), (INPUT_FRAMES_MAX, 10));
+        let delivered: Vec<Vec<u8>> = first.into_iter().chain(second).collect();
+        let sent: Vec<Vec<u8>> = (0..count)
+            .map(|i| (i as u32).to_le_bytes().to_vec())
+            .collect();
+        assert_eq!(delivered, sent);
+        // The log holds the same frames, one Input entry per wake-up.
+        let logged: Vec<Vec<u8>> = sink
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|(_, e)| match e {
+                Entry::Input { frames, .. } => frames.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(logged, sent);
+    }
+
+    #[test]
     fn replay_returns_what_was_recorded_and_tags_outputs() {
         let sink = Shared::default();
         let outputs = Collect::default();

@@ -197,9 +197,11 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "host".into())
 }
 
-/// The hash both replicas compare in the handshake: module, VM definition and engine.
+/// The hash both replicas compare in the handshake: log format, module, VM definition and engine.
 pub fn config_hash(header: &ftvm_log::LogHeader) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
+    // Builds that write different log formats must not pair: the backup could not read the log.
+    h.update(&ftvm_log::FORMAT_VERSION.to_le_bytes());
     h.update(header.module_hash.as_bytes());
     h.update(&serde_json::to_vec(&header.spec).expect("spec serializes"));
     h.update(header.engine.as_bytes());
