@@ -205,7 +205,7 @@ impl BackupLink {
         if hello.config_hash != expect.config_hash {
             return Err(
                 "the configuration hash differs: the two hosts run a different module, VM \
-                        spec or engine"
+                        spec, engine or log format (run the same ftvm build on both)"
                     .into(),
             );
         }
